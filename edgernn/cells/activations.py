@@ -1,0 +1,60 @@
+"""Activations for the kernels: a rational tanh that vectorises, and the sigmoid built on it.
+
+Numba lowers `math.tanh`/`math.exp` on float32 to scalar libm calls, which stops a loop from vectorising
+(PERF_NOTES.md, item 1). Eigen's float32 rational approximation of tanh is a ratio of two short
+polynomials; its absolute error against float64 tanh stays below 1e-6 over the whole real line
+(tests/test_activations.py checks it, saturation included). sigmoid(x) = 0.5 + 0.5 tanh(x / 2).
+"""
+
+import numpy as np
+from numba import njit
+
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+"""LLVM fast-math flags for every kernel: reassociation lets dot products vectorise. `nnan`/`ninf` stay
+off because the kernels test inputs for finiteness."""
+
+KERNEL_OPTIONS = dict(cache=True, fastmath=FASTMATH, error_model="numpy", boundscheck=False)
+INLINE_OPTIONS = dict(KERNEL_OPTIONS, inline="always")
+
+_CLAMP = 7.90531110763549805  # beyond this the rational form's tanh rounds to +-1 in float32
+# Numerator (odd) and denominator (even) monomial coefficients, from Eigen's generic_fast_tanh_float.
+_A1, _A3, _A5, _A7 = 4.89352455891786e-03, 6.37261928875436e-04, 1.48572235717979e-05, 5.12229709037114e-08
+_A9, _A11, _A13 = -8.60467152213735e-11, 2.00018790482477e-13, -2.76076847742355e-16
+_B0, _B2, _B4, _B6 = 4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04, 1.19825839466702e-06
+
+
+@njit(**INLINE_OPTIONS)
+def tanh(x):
+    x = min(max(x, np.float32(-_CLAMP)), np.float32(_CLAMP))
+    x2 = x * x
+    p = np.float32(_A13)
+    p = p * x2 + np.float32(_A11)
+    p = p * x2 + np.float32(_A9)
+    p = p * x2 + np.float32(_A7)
+    p = p * x2 + np.float32(_A5)
+    p = p * x2 + np.float32(_A3)
+    p = p * x2 + np.float32(_A1)
+    q = np.float32(_B6)
+    q = q * x2 + np.float32(_B4)
+    q = q * x2 + np.float32(_B2)
+    q = q * x2 + np.float32(_B0)
+    return x * p / q
+
+
+@njit(**INLINE_OPTIONS)
+def sigmoid(x):
+    return np.float32(0.5) + np.float32(0.5) * tanh(np.float32(0.5) * x)
+
+
+@njit(**INLINE_OPTIONS)
+def relu(x):
+    return max(x, np.float32(0.0))
+
+
+# ---- NumPy references (the test oracles), exact up to float64 rounding ----------------------------
+def sigmoid_reference(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def relu_reference(x):
+    return np.maximum(x, 0.0)

@@ -1,0 +1,71 @@
+"""GRU cell, gate blocks in canonical order r, z, n (PyTorch's; ONNX's is z, r, h):
+
+    r  = sigmoid(W_r x + Wb_r + R_r h + Rb_r)
+    z  = sigmoid(W_z x + Wb_z + R_z h + Rb_z)
+    n  = tanh(W_n x + Wb_n + r * (R_n h + Rb_n))        linear_before_reset = True  (PyTorch)
+    n  = tanh(W_n x + Wb_n + R_n (r * h) + Rb_n)        linear_before_reset = False (ONNX's default)
+    h' = (1 - z) * n + z * h
+"""
+
+import numpy as np
+from numba import njit
+
+from .activations import KERNEL_OPTIONS, sigmoid, tanh
+from .dense import matmul_acc
+
+
+def gru_reference(x, h, W, R, Wb, Rb, linear_before_reset=True):
+    """One step: x (I,), h (H,), W (3H, I), R (3H, H), Wb/Rb (3H,) or None -> h' (H,)."""
+    H = h.shape[0]
+    if Wb is None:
+        Wb = Rb = np.zeros(3 * H)
+    W_r, W_z, W_n = np.split(W, 3)
+    R_r, R_z, R_n = np.split(R, 3)
+    Wb_r, Wb_z, Wb_n = np.split(Wb, 3)
+    Rb_r, Rb_z, Rb_n = np.split(Rb, 3)
+    r = 1.0 / (1.0 + np.exp(-(W_r @ x + Wb_r + R_r @ h + Rb_r)))
+    z = 1.0 / (1.0 + np.exp(-(W_z @ x + Wb_z + R_z @ h + Rb_z)))
+    if linear_before_reset:
+        n = np.tanh(W_n @ x + Wb_n + r * (R_n @ h + Rb_n))
+    else:
+        n = np.tanh(W_n @ x + Wb_n + R_n @ (r * h) + Rb_n)
+    return (1.0 - z) * n + z * h
+
+
+@njit(**KERNEL_OPTIONS)
+def gru_layer(inp, h, WT, RT, bW, bR, linear_before_reset, gx, gh, rh, S, I, H):
+    """Flat row-major tiles: inp (S, I); h (S, H) advanced in place; WT (I, 3H), RT (H, 3H);
+    gx, gh (S, 3H) and rh (S, H) scratch."""
+    G = 3 * H
+    for s in range(S):
+        gx_s, gh_s = gx[s * G:(s + 1) * G], gh[s * G:(s + 1) * G]
+        for j in range(G):
+            gx_s[j] = bW[j]
+            gh_s[j] = bR[j]
+    matmul_acc(inp, WT, gx, S, I, G)
+    matmul_acc(h, RT, gh, S, H, G)  # without linear_before_reset, the n block is redone below
+    for s in range(S):
+        x_r, x_z, x_n = gx[s * G:s * G + H], gx[s * G + H:s * G + 2 * H], gx[s * G + 2 * H:(s + 1) * G]
+        h_r, h_z, h_n = gh[s * G:s * G + H], gh[s * G + H:s * G + 2 * H], gh[s * G + 2 * H:(s + 1) * G]
+        h_s, rh_s = h[s * H:(s + 1) * H], rh[s * H:(s + 1) * H]
+        for j in range(H):
+            r = sigmoid(x_r[j] + h_r[j])
+            x_r[j] = r
+            rh_s[j] = r * h_s[j]
+        if not linear_before_reset:
+            # n's recurrent term sees the reset hidden state: R_n (r * h) + Rb_n (RT's last H columns).
+            for j in range(H):
+                h_n[j] = bR[2 * H + j]
+            for k in range(H):
+                a = rh_s[k]
+                R_n = RT[k * G + 2 * H:(k + 1) * G]
+                for j in range(H):
+                    h_n[j] += a * R_n[j]
+        for j in range(H):
+            r = x_r[j]
+            z = sigmoid(x_z[j] + h_z[j])
+            if linear_before_reset:
+                n = tanh(x_n[j] + r * h_n[j])
+            else:
+                n = tanh(x_n[j] + h_n[j])
+            h_s[j] = (np.float32(1.0) - z) * n + z * h_s[j]

@@ -1,0 +1,36 @@
+"""Vanilla (Elman) RNN cell:  h' = act(W x + Wb + R h + Rb),  act = tanh or relu.
+
+`rnn_reference` transcribes the equation for one sample; `rnn_layer` is the Numba kernel for a tile of S
+streams (weights transposed: WT (I, H), RT (H, H)), which advances ``h`` in place.
+"""
+
+import numpy as np
+from numba import njit
+
+from .activations import KERNEL_OPTIONS, relu, tanh
+from .dense import matmul_acc
+
+
+def rnn_reference(x, h, W, R, Wb, Rb, activation="tanh"):
+    """One step: x (I,), h (H,), W (H, I), R (H, H), Wb/Rb (H,) or None -> h' (H,)."""
+    a = W @ x + R @ h
+    if Wb is not None:
+        a = a + Wb + Rb
+    return np.tanh(a) if activation == "tanh" else np.maximum(a, 0.0)
+
+
+@njit(**KERNEL_OPTIONS)
+def rnn_layer(inp, h, WT, RT, bW, bR, use_relu, gates, S, I, H):
+    """Flat row-major tiles: inp (S, I), h (S, H) advanced in place; WT (I, H), RT (H, H); gates (S, H) scratch."""
+    for s in range(S):
+        g = gates[s * H:(s + 1) * H]
+        for j in range(H):
+            g[j] = bW[j] + bR[j]
+    matmul_acc(inp, WT, gates, S, I, H)
+    matmul_acc(h, RT, gates, S, H, H)
+    if use_relu:
+        for j in range(S * H):
+            h[j] = relu(gates[j])
+    else:
+        for j in range(S * H):
+            h[j] = tanh(gates[j])

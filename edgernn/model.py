@@ -1,0 +1,208 @@
+"""`Model`: a spec plus its weights, stepping streams one sample at a time through the Numba kernels.
+
+    state = model.new_state()          # (state_size,) float32, the rest state
+    y = model.step(x, state)           # x (I,) -> y (O,); state advanced in place
+    ys = model.run(xs, state)          # xs (T, I) -> ys (T, O); equal to T calls of step
+    Y = model.step_batch(states, slots, X)   # rows states[slots] advanced by X (n, I) -> Y (n, O)
+
+Every input is checked (shape, dtype, finite) and a rejected call raises `InputError` before any state
+changes. The checks cost almost nothing on the fast path: the kernels are compiled for exactly one
+signature (float32, C-contiguous) with further compilation disabled, so the dispatcher itself refuses
+any other dtype or layout with a TypeError, which only then sends the call down a slower path that
+converts what can be converted safely and explains what cannot (PERF_NOTES.md, item 5).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import stack
+from .errors import InputError, SpecError
+from .plan import pack
+from .spec import ModelSpec
+
+_F32_1D = "float32[::1]"
+_F32_2D = "float32[:, ::1]"
+_I64_1D = "int64[::1]"
+_SIGNATURES = {
+    "step_one": f"int64({_F32_1D}, {_F32_1D}, {_F32_1D}, {_I64_1D}, {_F32_1D})",
+    "run_sequence": f"int64({_F32_2D}, {_F32_1D}, {_F32_1D}, {_I64_1D}, {_F32_1D}, {_F32_2D})",
+    "step_rows": f"int64({_F32_2D}, {_I64_1D}, {_F32_2D}, {_F32_1D}, {_I64_1D}, {_F32_2D}, {_F32_2D})",
+    "step_rows_parallel":
+        f"int64({_F32_2D}, {_I64_1D}, {_F32_2D}, {_F32_1D}, {_I64_1D}, {_F32_2D}, {_F32_2D})",
+}
+PARALLEL_MIN_STREAMS = 64
+"""Batches smaller than this run on the calling thread: waking the thread pool costs more than it saves."""
+
+
+def _kernel(name: str):
+    """The named kernel, compiled (or loaded from Numba's cache) for its one signature on first use."""
+    dispatcher = getattr(stack, name)
+    if not dispatcher.signatures:
+        dispatcher.compile(_SIGNATURES[name])
+        dispatcher.disable_compile()
+    return dispatcher
+
+
+def _as_float32(value, what: str, ndim: int) -> np.ndarray:
+    """``value`` as a C-contiguous float32 array of ``ndim`` dimensions, or a clear InputError."""
+    array = np.asarray(value)
+    if array.dtype.kind not in "fiu" or array.dtype.kind == "b":
+        raise InputError(f"{what}: must hold real numbers, got dtype {array.dtype}")
+    if array.ndim != ndim:
+        raise InputError(f"{what}: must have {ndim} dimension(s), got shape {array.shape}")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+class Model:
+    """A recurrent model ready to step. Build one with `edgernn.load` or a converter.
+
+    ``weights`` must hold exactly the tensors ``spec.tensor_shapes()`` names, with those shapes.
+    A Model may be shared by threads (each call holds the GIL), but each state belongs to one caller.
+    """
+
+    def __init__(self, spec: ModelSpec, weights: dict[str, np.ndarray]):
+        if not isinstance(spec, ModelSpec):
+            raise SpecError(f"spec: must be a ModelSpec, got {type(spec).__name__}")
+        self.spec = spec
+        self.weights = _checked_weights(spec, weights)
+        plan = pack(spec, self.weights)
+        self._packed, self._meta = plan.weights, plan.meta
+        self.input_size, self.output_size, self.state_size = spec.input_size, spec.output_size, spec.state_size
+        self._rest_state = np.zeros(self.state_size, np.float32)
+        # One stream's scratch; step_one leaves its output in the last output_size floats.
+        self._work = np.zeros(stack.work_size(self._meta, 1), np.float32)
+        self._output = self._work[-self.output_size:]
+        self._tile_work = None
+        self._step_one = _kernel("step_one")
+
+    def __repr__(self):
+        layers = " -> ".join(f"{layer.cell}({layer.hidden_size})" for layer in self.spec.layers)
+        head = "".join(f" -> dense({d.out_features}, {d.activation})" for d in self.spec.head)
+        return f"<edgernn.Model {self.input_size} -> {layers}{head}>"
+
+    # ---- states --------------------------------------------------------------------------------
+    def new_state(self, batch: int | None = None) -> np.ndarray:
+        """The rest state: (state_size,) float32, or (batch, state_size) for ``batch`` streams."""
+        if batch is None:
+            return self._rest_state.copy()
+        if isinstance(batch, bool) or not isinstance(batch, int | np.integer) or batch < 0:
+            raise InputError(f"batch: must be a non-negative integer, got {batch!r}")
+        return np.tile(self._rest_state, (int(batch), 1))
+
+    def reset(self, states: np.ndarray, slots) -> None:
+        """Put rows ``states[slots]`` back to the rest state (what `new_state` returns)."""
+        states[np.asarray(slots, dtype=np.int64)] = self._rest_state
+
+    # ---- one stream ----------------------------------------------------------------------------
+    def step(self, x, state: np.ndarray) -> np.ndarray:
+        """Advance one stream by one sample: x (input_size,) -> y (output_size,); ``state`` in place.
+
+        With a (B, state_size) state from ``new_state(batch=B)``, x is (B, input_size) and y (B, output_size).
+        """
+        try:
+            status = self._step_one(x, state, self._packed, self._meta, self._work)
+        except TypeError:
+            if isinstance(state, np.ndarray) and state.ndim == 2:
+                return self._step_all_rows(x, state)
+            _check_state(state, self.state_size, 1)
+            status = self._step_one(_as_float32(x, "x", 1), state, self._packed, self._meta, self._work)
+        if status != stack.OK:
+            self._raise(status, "x", x, state)
+        return self._output.copy()
+
+    def run(self, xs, state: np.ndarray) -> np.ndarray:
+        """Advance one stream through a sequence: xs (T, input_size) -> ys (T, output_size).
+
+        Equal to T calls of `step`. With a (B, state_size) state, xs is (T, B, input_size).
+        """
+        if isinstance(state, np.ndarray) and state.ndim == 2:
+            xs = _as_float32(xs, "xs", 3)
+            return np.stack([self._step_all_rows(x, state) for x in xs]) if len(xs) else \
+                np.zeros((0, state.shape[0], self.output_size), np.float32)
+        _check_state(state, self.state_size, 1)
+        xs = _as_float32(xs, "xs", 2)
+        ys = np.empty((xs.shape[0], self.output_size), np.float32)
+        status = _kernel("run_sequence")(xs, state, self._packed, self._meta, self._work, ys)
+        if status != stack.OK:
+            self._raise(status, "xs", xs, state)
+        return ys
+
+    # ---- many streams --------------------------------------------------------------------------
+    def step_batch(self, states: np.ndarray, slots, X) -> np.ndarray:
+        """Advance rows ``states[slots]`` of a state table by one sample each: X (n, input_size) -> Y.
+
+        ``states`` is a (capacity, state_size) float32 table (see `edgernn.StreamTable`); ``slots`` (n,)
+        must be distinct. Rows not named are untouched. Large batches run on all of Numba's threads.
+        """
+        _check_state(states, self.state_size, 2)
+        slots = np.ascontiguousarray(slots, dtype=np.int64)
+        X = _as_float32(X, "X", 2)
+        Y = np.empty((X.shape[0], self.output_size), np.float32)
+        if X.shape[0] >= PARALLEL_MIN_STREAMS:
+            kernel = _kernel("step_rows_parallel")
+        else:
+            kernel = _kernel("step_rows")
+        status = kernel(states, slots, X, self._packed, self._meta, self._tiles_work(), Y)
+        if status != stack.OK:
+            self._raise(status, "X", X, states, slots)
+        return Y
+
+    def _step_all_rows(self, X, states):
+        return self.step_batch(states, np.arange(states.shape[0]), X)
+
+    def _tiles_work(self) -> np.ndarray:
+        """Scratch for the batched kernels: one row per Numba thread, allocated once."""
+        if self._tile_work is None:
+            import numba
+
+            size = stack.work_size(self._meta, stack.TILE)
+            self._tile_work = np.zeros((numba.config.NUMBA_NUM_THREADS, size), np.float32)
+        return self._tile_work
+
+    # ---- errors --------------------------------------------------------------------------------
+    def _raise(self, status, name, x, state, slots=None):
+        if status == stack.BAD_STATE_SHAPE:
+            raise InputError(f"state: expected {self.state_size} floats per stream (from model.new_state()), "
+                             f"got shape {np.shape(state)}")
+        if status == stack.BAD_SLOT:
+            raise InputError(f"slots: every slot must lie in [0, {len(state)}), got {slots.min()}..{slots.max()}")
+        x = np.asarray(x)
+        if status == stack.NOT_FINITE:
+            where = np.argwhere(~np.isfinite(x))[0]
+            raise InputError(f"{name}: holds a non-finite value ({x[tuple(where)]}) at index {tuple(where)}; "
+                             "the state was not changed")
+        raise InputError(f"{name}: expected {self.input_size} features per sample, got shape {x.shape}")
+
+
+def _check_state(state, size: int, ndim: int) -> None:
+    if not isinstance(state, np.ndarray) or state.dtype != np.float32:
+        raise InputError("state: must be a float32 array from model.new_state(), "
+                         f"got {type(state).__name__} {getattr(state, 'dtype', '')}".rstrip())
+    if state.ndim != ndim or state.shape[-1] != size:
+        raise InputError(f"state: expected shape {'(n, ' if ndim == 2 else '('}{size}) from model.new_state(), "
+                         f"got {state.shape}")
+    if not state.flags.c_contiguous or not state.flags.writeable:
+        raise InputError("state: must be a writeable C-contiguous array (it is updated in place)")
+
+
+def _checked_weights(spec: ModelSpec, weights: dict) -> dict[str, np.ndarray]:
+    """float32 C-contiguous copies of exactly the tensors the spec names, or a SpecError naming the tensor."""
+    expected = spec.tensor_shapes()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing:
+        raise SpecError(f"weights: missing tensor(s) {', '.join(missing)}")
+    if unexpected:
+        raise SpecError(f"weights: unexpected tensor(s) {', '.join(unexpected)}")
+    checked = {}
+    for name, shape in expected.items():
+        array = np.ascontiguousarray(weights[name], dtype=np.float32)
+        if array.shape != shape:
+            raise SpecError(f"weights[{name!r}]: expected shape {shape}, got {array.shape}")
+        if not np.isfinite(array).all():
+            raise SpecError(f"weights[{name!r}]: holds non-finite values")
+        checked[name] = array
+    if spec.normalize and not (checked["input.std"] > 0).all():
+        raise SpecError("weights['input.std']: every std must be > 0")
+    return checked

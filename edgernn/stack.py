@@ -1,0 +1,227 @@
+"""The compiled layer stack: Numba kernels that advance streams through every layer of a packed model.
+
+Public wrappers live in `edgernn.model`; these kernels do only arithmetic and cheap checks, and report a
+status code instead of raising (a raise inside a kernel is slow and loses the message):
+
+    OK, BAD_INPUT_SHAPE, BAD_STATE_SHAPE, NOT_FINITE, BAD_SLOT
+
+Every kernel checks everything before it writes any state, so a rejected call leaves all state as it was.
+All of them move streams in tiles: ``advance`` gathers the tile's state rows into contiguous per-layer
+blocks of a work buffer, runs the layers (`edgernn.cells`), then scatters the rows back. One stream is a
+tile of one; many streams are tiles of TILE, spread over threads with ``prange``.
+"""
+
+import math
+
+import numpy as np
+from numba import get_thread_id, njit, prange
+
+from .cells.activations import INLINE_OPTIONS, KERNEL_OPTIONS
+from .cells.dense import dense_layer
+from .cells.gru import gru_layer
+from .cells.lstm import lstm_layer
+from .cells.rnn import rnn_layer
+from .plan import (
+    GRU, GRU_RESET_FIRST, H_DENSE, H_INPUT, H_LAYERS, H_MAX_DENSE, H_MAX_GATES, H_MAX_HIDDEN, H_MEAN,
+    H_NORMALIZE, H_OUTPUT, H_STATE, H_STD, HEADER, LSTM, ROW, RNN_RELU,
+)
+
+OK, BAD_INPUT_SHAPE, BAD_STATE_SHAPE, NOT_FINITE, BAD_SLOT = range(5)
+TILE = 8
+"""Streams per tile in the batched kernels: each weight row is reused TILE times while in L1."""
+
+
+@njit(**INLINE_OPTIONS)
+def work_size(meta, streams):
+    """Floats of scratch a tile of ``streams`` needs: xin | tile | gates | two dense buffers | output."""
+    per_stream = (meta[H_INPUT] + meta[H_STATE] + 2 * meta[H_MAX_GATES] + meta[H_MAX_HIDDEN]
+                  + 2 * meta[H_MAX_DENSE] + meta[H_OUTPUT])
+    return streams * per_stream
+
+
+@njit(**KERNEL_OPTIONS)
+def advance(xin, tile, S, weights, meta, work, out):
+    """Advance a tile of S streams one step through every layer. All arrays are flat and row-major.
+
+    xin (S, I) normalised inputs; tile (S * state_size) the streams' states, each state vector (h, and
+    c for an LSTM) stored as an (S, H) block at ``S * row_offset`` -- for S = 1 exactly a state row;
+    out (S, O) receives the outputs; work >= work_size(meta, S) floats, of which this uses the part
+    after the xin and tile regions.
+    """
+    gates_at = S * (meta[H_INPUT] + meta[H_STATE])
+    dense_at = gates_at + S * (2 * meta[H_MAX_GATES] + meta[H_MAX_HIDDEN])
+    max_dense = meta[H_MAX_DENSE]
+    inp = xin
+    width = meta[H_INPUT]
+    for layer in range(meta[H_LAYERS]):
+        base = HEADER + ROW * layer
+        kind, I, H, offset = meta[base], meta[base + 1], meta[base + 2], meta[base + 3]
+        G = 4 if kind == LSTM else (3 if kind == GRU or kind == GRU_RESET_FIRST else 1)
+        WT = weights[meta[base + 4]:meta[base + 4] + I * G * H]
+        RT = weights[meta[base + 5]:meta[base + 5] + H * G * H]
+        bW = weights[meta[base + 6]:meta[base + 6] + G * H]
+        bR = weights[meta[base + 7]:meta[base + 7] + G * H]
+        h = tile[S * offset:S * (offset + H)]
+        gates = work[gates_at:gates_at + S * G * H]
+        if kind == LSTM:
+            c = tile[S * (offset + H):S * (offset + 2 * H)]
+            lstm_layer(inp, h, c, WT, RT, bW, bR, gates, S, I, H)
+        elif kind == GRU or kind == GRU_RESET_FIRST:
+            gh = work[gates_at + S * G * H:gates_at + 2 * S * G * H]
+            rh = work[gates_at + 2 * S * G * H:gates_at + 2 * S * G * H + S * H]
+            gru_layer(inp, h, WT, RT, bW, bR, kind == GRU, gates, gh, rh, S, I, H)
+        else:
+            rnn_layer(inp, h, WT, RT, bW, bR, kind == RNN_RELU, gates, S, I, H)
+        inp = h
+        width = H
+
+    n_dense = meta[H_DENSE]
+    if n_dense == 0:
+        out[:S * width] = inp[:S * width]
+    for d in range(n_dense):
+        base = HEADER + ROW * (meta[H_LAYERS] + d)
+        act, K, N = meta[base], meta[base + 1], meta[base + 2]
+        WT = weights[meta[base + 4]:meta[base + 4] + K * N]
+        b = weights[meta[base + 5]:meta[base + 5] + N]
+        at = dense_at + (d % 2) * S * max_dense
+        dest = out if d == n_dense - 1 else work[at:at + S * N]
+        dense_layer(inp, WT, b, act, dest, S, K, N)
+        inp = dest
+
+
+@njit(**INLINE_OPTIONS)
+def _normalise_into(xin, at, x, meta, weights):
+    """xin[at:at + I] = (x - mean) / std, or a plain copy without normalisation."""
+    n_in = meta[H_INPUT]
+    if meta[H_NORMALIZE]:
+        mean, std = meta[H_MEAN], meta[H_STD]
+        for k in range(n_in):
+            xin[at + k] = (x[k] - weights[mean + k]) / weights[std + k]
+    else:
+        for k in range(n_in):
+            xin[at + k] = x[k]
+
+
+@njit(**INLINE_OPTIONS)
+def _move_rows(states, rows, first, tile, meta, S, gather):
+    """Copy state rows ``states[rows[first:first + S]]`` into the tile (gather) or back (scatter).
+
+    A row is [h0 (c0) h1 (c1) ...]; the vector at row offset ``start`` (H floats) becomes the (S, H)
+    block at ``S * start`` of the tile, so each layer's kernel sees plain row-major (S, H) arrays.
+    """
+    start = 0
+    for layer in range(meta[H_LAYERS]):
+        base = HEADER + ROW * layer
+        H = meta[base + 2]
+        for vector in range(2 if meta[base] == LSTM else 1):
+            for s in range(S):
+                row = rows[first + s]
+                at = S * start + s * H
+                if gather:
+                    for j in range(H):
+                        tile[at + j] = states[row, start + j]
+                else:
+                    for j in range(H):
+                        states[row, start + j] = tile[at + j]
+            start += H
+
+
+@njit(**INLINE_OPTIONS)
+def _advance_rows(states, rows, X, first, S, weights, meta, work, Y):
+    """Advance rows ``states[rows[first + s]]`` by ``X[first + s]`` into ``Y[first + s]``, for s < S."""
+    n_in, n_state, n_out = meta[H_INPUT], meta[H_STATE], meta[H_OUTPUT]
+    tile = work[S * n_in:S * (n_in + n_state)]
+    out = work[work.shape[0] - S * n_out:]
+    for s in range(S):
+        _normalise_into(work, s * n_in, X[first + s], meta, weights)
+    _move_rows(states, rows, first, tile, meta, S, True)
+    advance(work[:S * n_in], tile, S, weights, meta, work, out)
+    _move_rows(states, rows, first, tile, meta, S, False)
+    for s in range(S):
+        for j in range(n_out):
+            Y[first + s, j] = out[s * n_out + j]
+
+
+@njit(**INLINE_OPTIONS)
+def _all_finite(X):
+    for v in X.ravel():
+        if not math.isfinite(v):
+            return False
+    return True
+
+
+@njit(**KERNEL_OPTIONS)
+def step_one(x, state, weights, meta, work):
+    """One stream, one sample: x (I,), state (state_size,); the output lands in the last O floats of work.
+
+    A tile of one stream is laid out exactly like its state row, so the layers run on ``state`` itself.
+    """
+    if x.shape[0] != meta[H_INPUT]:
+        return BAD_INPUT_SHAPE
+    if state.shape[0] != meta[H_STATE]:
+        return BAD_STATE_SHAPE
+    if not _all_finite(x):
+        return NOT_FINITE
+    _normalise_into(work, 0, x, meta, weights)
+    advance(work[:x.shape[0]], state, 1, weights, meta, work, work[work.shape[0] - meta[H_OUTPUT]:])
+    return OK
+
+
+@njit(**KERNEL_OPTIONS)
+def run_sequence(xs, state, weights, meta, work, ys):
+    """One stream, T samples: xs (T, I) -> ys (T, O), state (state_size,) advanced T steps."""
+    if xs.shape[1] != meta[H_INPUT] or ys.shape[0] != xs.shape[0] or ys.shape[1] != meta[H_OUTPUT]:
+        return BAD_INPUT_SHAPE
+    if state.shape[0] != meta[H_STATE]:
+        return BAD_STATE_SHAPE
+    if not _all_finite(xs):
+        return NOT_FINITE
+    n_in, n_out = meta[H_INPUT], meta[H_OUTPUT]
+    out = work[work.shape[0] - n_out:]
+    for t in range(xs.shape[0]):
+        _normalise_into(work, 0, xs[t], meta, weights)
+        advance(work[:n_in], state, 1, weights, meta, work, out)
+        for j in range(n_out):
+            ys[t, j] = out[j]
+    return OK
+
+
+@njit(**INLINE_OPTIONS)
+def _check_batch(states, slots, X, meta, Y):
+    if X.shape[1] != meta[H_INPUT] or slots.shape[0] != X.shape[0]:
+        return BAD_INPUT_SHAPE
+    if Y.shape[0] != X.shape[0] or Y.shape[1] != meta[H_OUTPUT]:
+        return BAD_INPUT_SHAPE
+    if states.shape[1] != meta[H_STATE]:
+        return BAD_STATE_SHAPE
+    for slot in slots:
+        if slot < 0 or slot >= states.shape[0]:
+            return BAD_SLOT
+    if not _all_finite(X):
+        return NOT_FINITE
+    return OK
+
+
+@njit(**KERNEL_OPTIONS)
+def step_rows(states, slots, X, weights, meta, work, Y):
+    """Many streams, one sample each, on this thread: rows ``states[slots]`` advanced by X (n, I)."""
+    status = _check_batch(states, slots, X, meta, Y)
+    if status != OK:
+        return status
+    n = X.shape[0]
+    for start in range(0, n, TILE):
+        _advance_rows(states, slots, X, start, min(TILE, n - start), weights, meta, work[0], Y)
+    return OK
+
+
+@njit(parallel=True, **KERNEL_OPTIONS)
+def step_rows_parallel(states, slots, X, weights, meta, work, Y):
+    """`step_rows` with tiles spread over Numba's threads; ``work`` has one row per thread."""
+    status = _check_batch(states, slots, X, meta, Y)
+    if status != OK:
+        return status
+    n = X.shape[0]
+    for tile in prange((n + TILE - 1) // TILE):
+        start = tile * TILE
+        _advance_rows(states, slots, X, start, min(TILE, n - start), weights, meta, work[get_thread_id()], Y)
+    return OK

@@ -1,0 +1,1 @@
+"""Simulated sensor devices that publish over MQTT like real firmware. Not built yet."""

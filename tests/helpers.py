@@ -1,0 +1,41 @@
+"""Small random models for tests: a spec, weights drawn for it, and the Model built from both."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgernn.spec import DenseLayer, ModelSpec, RecurrentLayer
+
+
+def random_spec(cell: str = "lstm", input_size: int = 8, hidden: int = 64, layers: int = 1,
+                head: tuple[int, ...] = (4,), normalize: bool = False, bias: bool = True) -> ModelSpec:
+    """``layers`` stacked ``cell`` layers of ``hidden`` units, then dense layers of widths ``head``."""
+    recurrent, width = [], input_size
+    for _ in range(layers):
+        recurrent.append(RecurrentLayer(cell, width, hidden, bias=bias))
+        width = hidden
+    dense = []
+    for out in head:
+        dense.append(DenseLayer(width, out, bias=bias))
+        width = out
+    return ModelSpec(input_size, tuple(recurrent), tuple(dense), normalize=normalize)
+
+
+def random_weights(spec: ModelSpec, seed: int = 0, scale: float = 0.3) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    weights = {name: rng.standard_normal(shape).astype(np.float32) * np.float32(scale)
+               for name, shape in spec.tensor_shapes().items()}
+    if "input.std" in weights:  # a std must be positive
+        weights["input.std"] = rng.uniform(0.5, 2.0, spec.input_size).astype(np.float32)
+    return weights
+
+
+def random_model(cell: str = "lstm", seed: int = 0, scale: float = 0.3, **spec_options):
+    from edgernn.model import Model
+
+    spec = random_spec(cell, **spec_options)
+    return Model(spec, random_weights(spec, seed, scale))
+
+
+def random_inputs(model, steps: int = 200, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((steps, model.input_size)).astype(np.float32)
