@@ -134,21 +134,62 @@ def machine_info() -> dict:
 
 
 def _loadavg() -> float | None:
-    """The 1-minute load average: other work on the machine skews every number here."""
     try:
         return float(Path("/proc/loadavg").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
 
 
-def load_warning(info) -> str:
-    """A warning line when the machine was busy with other work before or after the run, else ''."""
-    busy = [f"{when} {value:.2f}" for when, value in (("start", info["loadavg_start"]), ("end", info["loadavg_end"]))
-            if value is not None and value > 0.5 * info["cores"]]
-    if not busy:
-        return ""
-    return (f"WARNING: 1-minute load average {', '.join(busy)} on {info['cores']} cores "
-            "(the benchmark itself adds about 1): other processes were running; numbers are unreliable.")
+class OtherLoad:
+    """CPU time other processes used while a section ran (from /proc/stat minus this process and its
+    children): on a 2-core machine any other busy process skews every number, the batched ones most."""
+
+    def __init__(self):
+        self.sections: dict[str, dict] = {}
+
+    @staticmethod
+    def _snapshot():
+        times = os.times()
+        mine = times.user + times.system + times.children_user + times.children_system
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        except (OSError, ValueError):
+            return time.perf_counter(), None, mine, None
+        tick = os.sysconf("SC_CLK_TCK")
+        busy = (fields[0] + fields[1] + fields[2] + fields[5] + fields[6]) / tick
+        steal = fields[7] / tick if len(fields) > 7 else 0.0
+        return time.perf_counter(), busy, mine, steal
+
+    def section(self, name: str):
+        watch = self
+
+        class _Section:
+            def __enter__(self):
+                self.start = watch._snapshot()
+
+            def __exit__(self, *exc):
+                end = watch._snapshot()
+                wall = end[0] - self.start[0]
+                if end[1] is None or wall <= 0:
+                    return
+                watch.sections[name] = {
+                    "wall_s": wall,
+                    "other_cores": max(0.0, (end[1] - self.start[1]) - (end[2] - self.start[2])) / wall,
+                    "steal_cores": (end[3] - self.start[3]) / wall,
+                }
+
+        return _Section()
+
+    def summary(self) -> str:
+        return "; ".join(f"{name} {v['other_cores']:.2f} (steal {v['steal_cores']:.2f})"
+                         for name, v in self.sections.items())
+
+    def warning(self, threshold: float = 0.1) -> str:
+        busy = [name for name, v in self.sections.items() if v["other_cores"] + v["steal_cores"] > threshold]
+        if not busy:
+            return ""
+        return (f"WARNING: other processes used CPU during: {', '.join(busy)}. Those numbers are unreliable, "
+                "the multi-threaded ones most; rerun on an idle machine.")
 
 
 class OpenBLASThreads:
@@ -851,24 +892,30 @@ def main(argv=None) -> int:
     blas = OpenBLASThreads()
     if not blas.available:
         log("warning: cannot set OpenBLAS threads at run time; numpy GEMMs use its default")
+    load = OtherLoad()
     log("peak: float32 matmul")
-    peaks = {"one": matmul_gflops(blas, 1, cfg.peak_size, 5), "threads": threads,
-             "all": matmul_gflops(blas, threads, cfg.peak_size, 5)}
+    with load.section("peak"):
+        peaks = {"one": matmul_gflops(blas, 1, cfg.peak_size, 5), "threads": threads,
+                 "all": matmul_gflops(blas, threads, cfg.peak_size, 5)}
     peak = peaks["one"]["best"]
     with tempfile.TemporaryDirectory(prefix="edgernn-bench-") as name:
         tmp = Path(name)
         blas.set(1)
-        rows = single_stream(cfg, tmp, peak)
+        with load.section("one stream"):
+            rows = single_stream(cfg, tmp, peak)
         settle()
-        batch = many_streams(cfg, tmp, threads, blas)
-        compiled = compile_times(cfg, tmp)
+        with load.section("many streams"):
+            batch = many_streams(cfg, tmp, threads, blas)
+        with load.section("compile"):
+            compiled = compile_times(cfg, tmp)
     info["loadavg_end"] = _loadavg()
+    info["other_load"] = load.sections
     ratios = headline(rows, batch, compiled, peak)
     tables = [table_one_stream(rows, peak), table_many_streams(batch), table_compile(compiled)]
     if cfg.markdown:
         print("\n\n".join(tables))
-        if load_warning(info):
-            log(load_warning(info))
+        if load.warning():
+            log(load.warning())
     else:
         print(format_machine(info, peaks))
         print()
@@ -877,7 +924,8 @@ def main(argv=None) -> int:
         print(format_parity(rows))
         print()
         print(format_headline(ratios))
-        warning = load_warning(info)
+        print(f"Cores busy with other processes, per section: {load.summary()}")
+        warning = load.warning()
         if warning:
             print("\n" + warning)
         print(f"\n(benchmark took {time.perf_counter() - started:.0f} s{', --quick' if cfg.quick else ''})")

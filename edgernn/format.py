@@ -33,7 +33,7 @@ import safetensors.numpy
 
 from ._files import atomic_write_bytes
 from .errors import FormatError, SpecError
-from .spec import ModelSpec
+from .spec import ModelSpec, check_weights
 
 FORMAT_NAME = "edgernn"
 FORMAT_VERSION = "1"
@@ -71,7 +71,7 @@ def write_model_file(path, spec: ModelSpec, weights: dict, dtype: str = "float32
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    stored = _encode(_checked_weights(spec, weights), dtype)
+    stored = _encode(check_weights(spec, weights), dtype)
     metadata = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -88,6 +88,32 @@ def read_model_file(path) -> tuple[ModelSpec, dict[str, np.ndarray]]:
     check_kind(path, metadata, FORMAT_NAME)
     reader = select_reader(path, metadata, _READERS)
     return reader(path, metadata, tensors)
+
+
+def describe(path) -> dict[str, str]:
+    """What ``edgernn inspect`` prints: layers, sizes, parameters, storage, checksum, FLOPs per step."""
+    metadata, _ = read_tensor_file(path)
+    spec, weights = read_model_file(path)
+    layers = ", ".join(
+        f"{layer.cell}{'/' + layer.activation if layer.cell == 'rnn' else ''}"
+        f"{'' if layer.cell != 'gru' or layer.linear_before_reset else ' (reset first)'}"
+        f" {layer.input_size}->{layer.hidden_size}{'' if layer.bias else ' no bias'}"
+        for layer in spec.layers)
+    head = ", ".join(f"dense {d.in_features}->{d.out_features} {d.activation}" for d in spec.head)
+    return {
+        "file": str(path),
+        "name": spec.name or "-",
+        "input": f"{spec.input_size}{' (normalised)' if spec.normalize else ''}",
+        "recurrent": layers,
+        "head": head or "-",
+        "output": str(spec.output_size),
+        "state": f"{spec.state_size} floats per stream",
+        "parameters": f"{spec.parameter_count():,}",
+        "dtype": metadata.get("dtype", "?"),
+        "file size": f"{Path(path).stat().st_size:,} bytes",
+        "checksum": metadata.get("checksum", "?"),
+        "flops/step": f"{spec.flops_per_step():,}",
+    }
 
 
 # ---- checksums shared with stream snapshots ---------------------------------------------------------
@@ -260,23 +286,6 @@ def _check_layout(path, layout: dict, tensors: dict) -> None:
         if array.dtype != dtype or tuple(array.shape) != tuple(shape):
             raise FormatError(path, f"tensors do not match the spec: {name} is {array.dtype.name}"
                                     f"{list(array.shape)}, expected {dtype.name}{list(shape)}")
-
-
-def _checked_weights(spec: ModelSpec, weights: dict) -> dict[str, np.ndarray]:
-    shapes = spec.tensor_shapes()
-    missing = sorted(set(shapes) - set(weights))
-    extra = sorted(set(weights) - set(shapes))
-    if missing or extra:
-        raise SpecError(f"weights: missing {missing or 'none'}, unexpected {extra or 'none'}")
-    checked = {}
-    for name, shape in shapes.items():
-        array = np.ascontiguousarray(weights[name], dtype=np.float32)
-        if array.shape != tuple(shape):
-            raise SpecError(f"weights[{name!r}]: shape must be {tuple(shape)}, got {array.shape}")
-        if not np.isfinite(array).all():
-            raise ValueError(f"weights[{name!r}]: has non-finite values")
-        checked[name] = array
-    return checked
 
 
 def _encode(weights: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:

@@ -19,7 +19,7 @@ import numpy as np
 from . import stack
 from .errors import InputError, SpecError
 from .plan import pack
-from .spec import ModelSpec
+from .spec import ModelSpec, check_weights
 
 _F32_1D = "float32[::1]"
 _F32_2D = "float32[:, ::1]"
@@ -38,6 +38,8 @@ PARALLEL_MIN_STREAMS = 64
 def _kernel(name: str):
     """The named kernel, compiled (or loaded from Numba's cache) for its one signature on first use."""
     dispatcher = getattr(stack, name)
+    if not hasattr(dispatcher, "signatures"):  # NUMBA_DISABLE_JIT=1 (coverage runs): plain Python
+        return dispatcher
     if not dispatcher.signatures:
         dispatcher.compile(_SIGNATURES[name])
         dispatcher.disable_compile()
@@ -65,7 +67,7 @@ class Model:
         if not isinstance(spec, ModelSpec):
             raise SpecError(f"spec: must be a ModelSpec, got {type(spec).__name__}")
         self.spec = spec
-        self.weights = _checked_weights(spec, weights)
+        self.weights = check_weights(spec, weights)
         plan = pack(spec, self.weights)
         self._packed, self._meta = plan.weights, plan.meta
         self.input_size, self.output_size, self.state_size = spec.input_size, spec.output_size, spec.state_size
@@ -169,9 +171,9 @@ class Model:
             raise InputError(f"slots: every slot must lie in [0, {len(state)}), got {slots.min()}..{slots.max()}")
         x = np.asarray(x)
         if status == stack.NOT_FINITE:
-            where = np.argwhere(~np.isfinite(x))[0]
-            raise InputError(f"{name}: holds a non-finite value ({x[tuple(where)]}) at index {tuple(where)}; "
-                             "the state was not changed")
+            where = tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])
+            raise InputError(f"{name}: holds a non-finite value ({x[where]}) at index "
+                             f"{where[0] if len(where) == 1 else where}; the state was not changed")
         raise InputError(f"{name}: expected {self.input_size} features per sample, got shape {x.shape}")
 
 
@@ -184,25 +186,3 @@ def _check_state(state, size: int, ndim: int) -> None:
                          f"got {state.shape}")
     if not state.flags.c_contiguous or not state.flags.writeable:
         raise InputError("state: must be a writeable C-contiguous array (it is updated in place)")
-
-
-def _checked_weights(spec: ModelSpec, weights: dict) -> dict[str, np.ndarray]:
-    """float32 C-contiguous copies of exactly the tensors the spec names, or a SpecError naming the tensor."""
-    expected = spec.tensor_shapes()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if missing:
-        raise SpecError(f"weights: missing tensor(s) {', '.join(missing)}")
-    if unexpected:
-        raise SpecError(f"weights: unexpected tensor(s) {', '.join(unexpected)}")
-    checked = {}
-    for name, shape in expected.items():
-        array = np.ascontiguousarray(weights[name], dtype=np.float32)
-        if array.shape != shape:
-            raise SpecError(f"weights[{name!r}]: expected shape {shape}, got {array.shape}")
-        if not np.isfinite(array).all():
-            raise SpecError(f"weights[{name!r}]: holds non-finite values")
-        checked[name] = array
-    if spec.normalize and not (checked["input.std"] > 0).all():
-        raise SpecError("weights['input.std']: every std must be > 0")
-    return checked

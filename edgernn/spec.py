@@ -31,6 +31,8 @@ import dataclasses
 import json
 from dataclasses import dataclass, field, fields
 
+import numpy as np
+
 from .errors import SpecError
 
 SPEC_VERSION = 1
@@ -161,6 +163,12 @@ class ModelSpec:
             count += size
         return count
 
+    def flops_per_step(self) -> int:
+        """Floating-point operations of one step: 2·G·H·(I+H) per recurrent layer, 2·K·N per dense layer."""
+        recurrent = sum(2 * layer.gates * layer.hidden_size * (layer.input_size + layer.hidden_size)
+                        for layer in self.layers)
+        return recurrent + sum(2 * dense.in_features * dense.out_features for dense in self.head)
+
     # ---- validation ----------------------------------------------------------------------------
     def validate(self) -> None:
         if self.version != SPEC_VERSION:
@@ -216,6 +224,28 @@ class ModelSpec:
         except (TypeError, ValueError) as exc:
             raise SpecError(f"spec: not valid JSON ({exc})") from None
         return cls.from_dict(data)
+
+
+def check_weights(spec: ModelSpec, weights: dict) -> dict[str, np.ndarray]:
+    """float32 C-contiguous copies of exactly the tensors ``spec`` names, or a SpecError naming the tensor."""
+    expected = spec.tensor_shapes()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing:
+        raise SpecError(f"weights: missing tensor(s) {', '.join(missing)}")
+    if unexpected:
+        raise SpecError(f"weights: unexpected tensor(s) {', '.join(unexpected)}")
+    checked = {}
+    for name, shape in expected.items():
+        array = np.ascontiguousarray(weights[name], dtype=np.float32)
+        if array.shape != shape:
+            raise SpecError(f"weights[{name!r}]: expected shape {shape}, got {array.shape}")
+        if not np.isfinite(array).all():
+            raise SpecError(f"weights[{name!r}]: holds non-finite values")
+        checked[name] = array
+    if spec.normalize and not (checked["input.std"] > 0).all():
+        raise SpecError("weights['input.std']: every std must be > 0")
+    return checked
 
 
 def _list_of(value, where: str) -> list:

@@ -27,7 +27,7 @@ from .plan import (
 )
 
 OK, BAD_INPUT_SHAPE, BAD_STATE_SHAPE, NOT_FINITE, BAD_SLOT = range(5)
-TILE = 8
+TILE = 16
 """Streams per tile in the batched kernels: each weight row is reused TILE times while in L1."""
 
 

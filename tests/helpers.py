@@ -8,33 +8,47 @@ from edgernn.spec import DenseLayer, ModelSpec, RecurrentLayer
 
 
 def random_spec(cell: str = "lstm", input_size: int = 8, hidden: int = 64, layers: int = 1,
-                head: tuple[int, ...] = (4,), normalize: bool = False, bias: bool = True) -> ModelSpec:
-    """``layers`` stacked ``cell`` layers of ``hidden`` units, then dense layers of widths ``head``."""
+                head: tuple[int, ...] = (4,), normalize: bool = False, bias: bool = True,
+                activation: str = "tanh", linear_before_reset: bool = True,
+                head_activations: tuple[str, ...] | None = None) -> ModelSpec:
+    """``layers`` stacked ``cell`` layers of ``hidden`` units, then dense layers of widths ``head``.
+
+    ``activation`` (rnn) and ``linear_before_reset`` (gru) apply to every recurrent layer;
+    ``head_activations`` gives one activation per dense layer (default identity).
+    """
     recurrent, width = [], input_size
     for _ in range(layers):
-        recurrent.append(RecurrentLayer(cell, width, hidden, bias=bias))
+        recurrent.append(RecurrentLayer(cell, width, hidden, bias=bias, activation=activation,
+                                        linear_before_reset=linear_before_reset))
         width = hidden
     dense = []
-    for out in head:
-        dense.append(DenseLayer(width, out, bias=bias))
+    for index, out in enumerate(head):
+        act = head_activations[index] if head_activations else "identity"
+        dense.append(DenseLayer(width, out, bias=bias, activation=act))
         width = out
     return ModelSpec(input_size, tuple(recurrent), tuple(dense), normalize=normalize)
 
 
-def random_weights(spec: ModelSpec, seed: int = 0, scale: float = 0.3) -> dict[str, np.ndarray]:
+def random_weights(spec: ModelSpec, seed: int = 0, scale: float = 0.3,
+                   gain: float | None = None) -> dict[str, np.ndarray]:
+    """Normal weights of std ``scale``; with ``gain``, matrices get std ``gain / sqrt(fan_in)`` instead
+    (biases and the normalisation mean keep ``scale``), which keeps wide recurrent layers contractive."""
     rng = np.random.default_rng(seed)
-    weights = {name: rng.standard_normal(shape).astype(np.float32) * np.float32(scale)
-               for name, shape in spec.tensor_shapes().items()}
+    weights = {}
+    for name, shape in spec.tensor_shapes().items():
+        std = gain / np.sqrt(shape[1]) if gain is not None and len(shape) == 2 else scale
+        weights[name] = rng.standard_normal(shape).astype(np.float32) * np.float32(std)
     if "input.std" in weights:  # a std must be positive
         weights["input.std"] = rng.uniform(0.5, 2.0, spec.input_size).astype(np.float32)
     return weights
 
 
-def random_model(cell: str = "lstm", seed: int = 0, scale: float = 0.3, **spec_options):
+def random_model(cell: str = "lstm", seed: int = 0, scale: float = 0.3, gain: float | None = None,
+                 **spec_options):
     from edgernn.model import Model
 
     spec = random_spec(cell, **spec_options)
-    return Model(spec, random_weights(spec, seed, scale))
+    return Model(spec, random_weights(spec, seed, scale, gain))
 
 
 def random_inputs(model, steps: int = 200, seed: int = 1) -> np.ndarray:
