@@ -14,6 +14,8 @@ converts what can be converted safely and explains what cannot (PERF_NOTES.md, i
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from . import stack
@@ -24,12 +26,13 @@ from .spec import ModelSpec, check_weights
 _F32_1D = "float32[::1]"
 _F32_2D = "float32[:, ::1]"
 _I64_1D = "int64[::1]"
+_U8_1D = "uint8[::1]"
+_BATCH = f"int64({_F32_2D}, {_I64_1D}, {_F32_2D}, {_F32_1D}, {_I64_1D}, {_F32_2D}, {_U8_1D}, {_F32_2D})"
 _SIGNATURES = {
-    "step_one": f"int64({_F32_1D}, {_F32_1D}, {_F32_1D}, {_I64_1D}, {_F32_1D})",
+    "step_one": f"int64({_F32_1D}, {_F32_1D}, {_F32_1D}, {_I64_1D}, {_F32_1D}, {_F32_1D})",
     "run_sequence": f"int64({_F32_2D}, {_F32_1D}, {_F32_1D}, {_I64_1D}, {_F32_1D}, {_F32_2D})",
-    "step_rows": f"int64({_F32_2D}, {_I64_1D}, {_F32_2D}, {_F32_1D}, {_I64_1D}, {_F32_2D}, {_F32_2D})",
-    "step_rows_parallel":
-        f"int64({_F32_2D}, {_I64_1D}, {_F32_2D}, {_F32_1D}, {_I64_1D}, {_F32_2D}, {_F32_2D})",
+    "step_rows": _BATCH,
+    "step_rows_parallel": _BATCH,
 }
 PARALLEL_MIN_STREAMS = 64
 """Batches smaller than this run on the calling thread: waking the thread pool costs more than it saves."""
@@ -72,10 +75,12 @@ class Model:
         self._packed, self._meta = plan.weights, plan.meta
         self.input_size, self.output_size, self.state_size = spec.input_size, spec.output_size, spec.state_size
         self._rest_state = np.zeros(self.state_size, np.float32)
-        # One stream's scratch; step_one leaves its output in the last output_size floats.
+        # Scratch, allocated once. Kernels hold the GIL, so one stream's scratch is never shared by two
+        # running calls; the batched kernels' scratch and row marks are guarded by a lock.
         self._work = np.zeros(stack.work_size(self._meta, 1), np.float32)
-        self._output = self._work[-self.output_size:]
         self._tile_work = None
+        self._marks = np.zeros(0, np.uint8)
+        self._batch_lock = threading.Lock()
         self._step_one = _kernel("step_one")
 
     def __repr__(self):
@@ -94,7 +99,9 @@ class Model:
 
     def reset(self, states: np.ndarray, slots) -> None:
         """Put rows ``states[slots]`` back to the rest state (what `new_state` returns)."""
-        states[np.asarray(slots, dtype=np.int64)] = self._rest_state
+        _check_state(states, self.state_size, 2)
+        slots = _as_slots(slots, len(states))
+        states[slots] = self._rest_state
 
     # ---- one stream ----------------------------------------------------------------------------
     def step(self, x, state: np.ndarray) -> np.ndarray:
@@ -102,16 +109,18 @@ class Model:
 
         With a (B, state_size) state from ``new_state(batch=B)``, x is (B, input_size) and y (B, output_size).
         """
+        y = np.empty(self.output_size, np.float32)
         try:
-            status = self._step_one(x, state, self._packed, self._meta, self._work)
-        except TypeError:
+            status = self._step_one(x, state, self._packed, self._meta, self._work, y)
+        except TypeError:  # not float32 C-contiguous 1-D arrays: convert what can be, refuse the rest
             if isinstance(state, np.ndarray) and state.ndim == 2:
-                return self._step_all_rows(x, state)
+                return self._step_all_rows(x, state, "x")
             _check_state(state, self.state_size, 1)
-            status = self._step_one(_as_float32(x, "x", 1), state, self._packed, self._meta, self._work)
+            x = _as_float32(x, "x", 1)
+            status = self._step_one(x, state, self._packed, self._meta, self._work, y)
         if status != stack.OK:
             self._raise(status, "x", x, state)
-        return self._output.copy()
+        return y
 
     def run(self, xs, state: np.ndarray) -> np.ndarray:
         """Advance one stream through a sequence: xs (T, input_size) -> ys (T, output_size).
@@ -119,9 +128,17 @@ class Model:
         Equal to T calls of `step`. With a (B, state_size) state, xs is (T, B, input_size).
         """
         if isinstance(state, np.ndarray) and state.ndim == 2:
+            _check_state(state, self.state_size, 2)
             xs = _as_float32(xs, "xs", 3)
-            return np.stack([self._step_all_rows(x, state) for x in xs]) if len(xs) else \
-                np.zeros((0, state.shape[0], self.output_size), np.float32)
+            if xs.shape[1:] != (len(state), self.input_size):
+                raise InputError(f"xs: expected shape (T, {len(state)}, {self.input_size}) for a state of "
+                                 f"{len(state)} streams, got {xs.shape}")
+            if not np.isfinite(xs).all():  # refuse before the first step, as for one stream
+                self._raise(stack.NOT_FINITE, "xs", xs, state)
+            ys = np.empty((len(xs), len(state), self.output_size), np.float32)
+            for t, x in enumerate(xs):
+                ys[t] = self._step_all_rows(x, state, "xs")
+            return ys
         _check_state(state, self.state_size, 1)
         xs = _as_float32(xs, "xs", 2)
         ys = np.empty((xs.shape[0], self.output_size), np.float32)
@@ -137,21 +154,24 @@ class Model:
         ``states`` is a (capacity, state_size) float32 table (see `edgernn.StreamTable`); ``slots`` (n,)
         must be distinct. Rows not named are untouched. Large batches run on all of Numba's threads.
         """
+        return self._step_rows(states, slots, X, "X")
+
+    def _step_rows(self, states, slots, X, name: str) -> np.ndarray:
         _check_state(states, self.state_size, 2)
-        slots = np.ascontiguousarray(slots, dtype=np.int64)
-        X = _as_float32(X, "X", 2)
+        slots = _as_slots(slots, None)
+        X = _as_float32(X, name, 2)
         Y = np.empty((X.shape[0], self.output_size), np.float32)
-        if X.shape[0] >= PARALLEL_MIN_STREAMS:
-            kernel = _kernel("step_rows_parallel")
-        else:
-            kernel = _kernel("step_rows")
-        status = kernel(states, slots, X, self._packed, self._meta, self._tiles_work(), Y)
+        kernel = _kernel("step_rows_parallel" if X.shape[0] >= PARALLEL_MIN_STREAMS else "step_rows")
+        with self._batch_lock:
+            if len(self._marks) < len(states):
+                self._marks = np.zeros(len(states), np.uint8)
+            status = kernel(states, slots, X, self._packed, self._meta, self._tiles_work(), self._marks, Y)
         if status != stack.OK:
-            self._raise(status, "X", X, states, slots)
+            self._raise(status, name, X, states, slots)
         return Y
 
-    def _step_all_rows(self, X, states):
-        return self.step_batch(states, np.arange(states.shape[0]), X)
+    def _step_all_rows(self, X, states, name: str):
+        return self._step_rows(states, np.arange(len(states)), X, name)
 
     def _tiles_work(self) -> np.ndarray:
         """Scratch for the batched kernels: one row per Numba thread, allocated once."""
@@ -169,12 +189,30 @@ class Model:
                              f"got shape {np.shape(state)}")
         if status == stack.BAD_SLOT:
             raise InputError(f"slots: every slot must lie in [0, {len(state)}), got {slots.min()}..{slots.max()}")
+        if status == stack.DUPLICATE_SLOT:
+            values, counts = np.unique(slots, return_counts=True)
+            raise InputError(f"slots: slot {values[counts > 1][0]} appears more than once; one sample per "
+                             "stream per call")
+        if status == stack.BAD_SAMPLE_COUNT:
+            raise InputError(f"{name}: {len(x)} samples for {len(slots)} slots; give one sample per slot")
         x = np.asarray(x)
         if status == stack.NOT_FINITE:
             where = tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])
             raise InputError(f"{name}: holds a non-finite value ({x[where]}) at index "
                              f"{where[0] if len(where) == 1 else where}; the state was not changed")
         raise InputError(f"{name}: expected {self.input_size} features per sample, got shape {x.shape}")
+
+
+def _as_slots(slots, capacity: int | None) -> np.ndarray:
+    """``slots`` as a 1-D int64 array (integers only: a float slot is a bug, not a row to round to)."""
+    array = np.asarray(slots)
+    if array.size == 0:
+        array = array.astype(np.int64)
+    if array.dtype.kind not in "iu" or array.ndim != 1:
+        raise InputError(f"slots: must be a 1-D array of integers, got {array.dtype} of shape {array.shape}")
+    if capacity is not None and array.size and (array.min() < 0 or array.max() >= capacity):
+        raise InputError(f"slots: every slot must lie in [0, {capacity}), got {array.min()}..{array.max()}")
+    return np.ascontiguousarray(array, dtype=np.int64)
 
 
 def _check_state(state, size: int, ndim: int) -> None:

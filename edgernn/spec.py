@@ -44,6 +44,14 @@ RNN_ACTIVATIONS = ("tanh", "relu")
 DENSE_ACTIVATIONS = ("identity", "relu", "tanh", "sigmoid", "softmax")
 
 
+def _plain_ints(obj, *names: str) -> None:
+    """Store NumPy integers (what converters read from tensor shapes) as plain ints, so JSON holds them."""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, np.integer):
+            object.__setattr__(obj, name, int(value))
+
+
 def _check_positive_int(where: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise SpecError(f"{where}: must be a positive integer, got {value!r}")
@@ -71,6 +79,9 @@ class RecurrentLayer:
     """rnn only: the cell nonlinearity, ``tanh`` or ``relu``."""
     linear_before_reset: bool = True
     """gru only: True computes ``r * (R_n h + Rb_n)`` (PyTorch), False ``R_n (r * h) + Rb_n`` (ONNX default)."""
+
+    def __post_init__(self):
+        _plain_ints(self, "input_size", "hidden_size")
 
     @property
     def gates(self) -> int:
@@ -101,6 +112,9 @@ class DenseLayer:
     bias: bool = True
     activation: str = "identity"
 
+    def __post_init__(self):
+        _plain_ints(self, "in_features", "out_features")
+
     def validate(self, where: str) -> None:
         _check_positive_int(f"{where}.in_features", self.in_features)
         _check_positive_int(f"{where}.out_features", self.out_features)
@@ -121,8 +135,9 @@ class ModelSpec:
     version: int = field(default=SPEC_VERSION)
 
     def __post_init__(self):
-        object.__setattr__(self, "layers", tuple(self.layers))
-        object.__setattr__(self, "head", tuple(self.head))
+        object.__setattr__(self, "layers", tuple(_list_of(self.layers, "layers")))
+        object.__setattr__(self, "head", tuple(_list_of(self.head, "head")))
+        _plain_ints(self, "input_size", "version")
         self.validate()
 
     # ---- derived sizes -------------------------------------------------------------------------
@@ -171,7 +186,7 @@ class ModelSpec:
 
     # ---- validation ----------------------------------------------------------------------------
     def validate(self) -> None:
-        if self.version != SPEC_VERSION:
+        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version != SPEC_VERSION:
             raise SpecError(f"version: this edgernn reads spec version {SPEC_VERSION}, got {self.version!r}")
         _check_positive_int("input_size", self.input_size)
         _check_bool("normalize", self.normalize)
@@ -237,7 +252,7 @@ def check_weights(spec: ModelSpec, weights: dict) -> dict[str, np.ndarray]:
         raise SpecError(f"weights: unexpected tensor(s) {', '.join(unexpected)}")
     checked = {}
     for name, shape in expected.items():
-        array = np.ascontiguousarray(weights[name], dtype=np.float32)
+        array = np.array(weights[name], dtype=np.float32, order="C")  # a copy: callers keep theirs
         if array.shape != shape:
             raise SpecError(f"weights[{name!r}]: expected shape {shape}, got {array.shape}")
         if not np.isfinite(array).all():

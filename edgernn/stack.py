@@ -3,7 +3,7 @@
 Public wrappers live in `edgernn.model`; these kernels do only arithmetic and cheap checks, and report a
 status code instead of raising (a raise inside a kernel is slow and loses the message):
 
-    OK, BAD_INPUT_SHAPE, BAD_STATE_SHAPE, NOT_FINITE, BAD_SLOT
+    OK, BAD_INPUT_SHAPE, BAD_STATE_SHAPE, NOT_FINITE, BAD_SLOT, DUPLICATE_SLOT, BAD_SAMPLE_COUNT
 
 Every kernel checks everything before it writes any state, so a rejected call leaves all state as it was.
 All of them move streams in tiles: ``advance`` gathers the tile's state rows into contiguous per-layer
@@ -26,7 +26,7 @@ from .plan import (
     H_NORMALIZE, H_OUTPUT, H_STATE, H_STD, HEADER, LSTM, ROW, RNN_RELU,
 )
 
-OK, BAD_INPUT_SHAPE, BAD_STATE_SHAPE, NOT_FINITE, BAD_SLOT = range(5)
+OK, BAD_INPUT_SHAPE, BAD_STATE_SHAPE, NOT_FINITE, BAD_SLOT, DUPLICATE_SLOT, BAD_SAMPLE_COUNT = range(7)
 TILE = 16
 """Streams per tile in the batched kernels: each weight row is reused TILE times while in L1."""
 
@@ -151,19 +151,19 @@ def _all_finite(X):
 
 
 @njit(**KERNEL_OPTIONS)
-def step_one(x, state, weights, meta, work):
-    """One stream, one sample: x (I,), state (state_size,); the output lands in the last O floats of work.
+def step_one(x, state, weights, meta, work, y):
+    """One stream, one sample: x (I,) -> y (O,), state (state_size,) advanced in place.
 
     A tile of one stream is laid out exactly like its state row, so the layers run on ``state`` itself.
     """
-    if x.shape[0] != meta[H_INPUT]:
+    if x.shape[0] != meta[H_INPUT] or y.shape[0] != meta[H_OUTPUT]:
         return BAD_INPUT_SHAPE
     if state.shape[0] != meta[H_STATE]:
         return BAD_STATE_SHAPE
     if not _all_finite(x):
         return NOT_FINITE
     _normalise_into(work, 0, x, meta, weights)
-    advance(work[:x.shape[0]], state, 1, weights, meta, work, work[work.shape[0] - meta[H_OUTPUT]:])
+    advance(work[:x.shape[0]], state, 1, weights, meta, work, y)
     return OK
 
 
@@ -187,25 +187,33 @@ def run_sequence(xs, state, weights, meta, work, ys):
 
 
 @njit(**INLINE_OPTIONS)
-def _check_batch(states, slots, X, meta, Y):
-    if X.shape[1] != meta[H_INPUT] or slots.shape[0] != X.shape[0]:
+def _check_batch(states, slots, X, meta, marks, Y):
+    """Shapes, slots in range and distinct (``marks``: a zeroed uint8 per row, left zeroed), finite X."""
+    if X.shape[1] != meta[H_INPUT] or Y.shape[1] != meta[H_OUTPUT]:
         return BAD_INPUT_SHAPE
-    if Y.shape[0] != X.shape[0] or Y.shape[1] != meta[H_OUTPUT]:
-        return BAD_INPUT_SHAPE
-    if states.shape[1] != meta[H_STATE]:
+    if slots.shape[0] != X.shape[0] or Y.shape[0] != X.shape[0]:
+        return BAD_SAMPLE_COUNT
+    if states.shape[1] != meta[H_STATE] or marks.shape[0] < states.shape[0]:
         return BAD_STATE_SHAPE
     for slot in slots:
         if slot < 0 or slot >= states.shape[0]:
             return BAD_SLOT
-    if not _all_finite(X):
-        return NOT_FINITE
-    return OK
+    status = OK
+    for slot in slots:  # two samples for one row in a tick would race; refuse them
+        if marks[slot]:
+            status = DUPLICATE_SLOT
+        marks[slot] = 1
+    for slot in slots:
+        marks[slot] = 0
+    if status == OK and not _all_finite(X):
+        status = NOT_FINITE
+    return status
 
 
 @njit(**KERNEL_OPTIONS)
-def step_rows(states, slots, X, weights, meta, work, Y):
+def step_rows(states, slots, X, weights, meta, work, marks, Y):
     """Many streams, one sample each, on this thread: rows ``states[slots]`` advanced by X (n, I)."""
-    status = _check_batch(states, slots, X, meta, Y)
+    status = _check_batch(states, slots, X, meta, marks, Y)
     if status != OK:
         return status
     n = X.shape[0]
@@ -215,9 +223,9 @@ def step_rows(states, slots, X, weights, meta, work, Y):
 
 
 @njit(parallel=True, **KERNEL_OPTIONS)
-def step_rows_parallel(states, slots, X, weights, meta, work, Y):
+def step_rows_parallel(states, slots, X, weights, meta, work, marks, Y):
     """`step_rows` with tiles spread over Numba's threads; ``work`` has one row per thread."""
-    status = _check_batch(states, slots, X, meta, Y)
+    status = _check_batch(states, slots, X, meta, marks, Y)
     if status != OK:
         return status
     n = X.shape[0]
