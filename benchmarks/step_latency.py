@@ -27,8 +27,11 @@ What it measures (float32, input 8, random weights, one recurrent layer, no head
    ``model.step_batch(states, slots, X)``; one float32 GEMM of the same size ([x; h] (N, I+H) @ (I+H, 4H),
    numpy); torch eager ``nn.LSTMCell`` on the batch; onnxruntime on the batch with IOBinding.
 3. Numba compile time: a fresh ``python`` child that imports edgernn, loads the model (``edgernn.load`` of
-   a saved file when ``edgernn.format`` exists, else ``Model(spec, weights)``) and makes its first ``step``
-   and first ``step_batch``, first with an empty ``NUMBA_CACHE_DIR`` and then again with that warm cache.
+   a saved file when ``edgernn.format`` exists, else ``Model(spec, weights)``) and makes its first ``step``,
+   then its first ``step_batch`` of 4 and of 1,024 streams (small and large batches may use different
+   kernels), first with an empty ``NUMBA_CACHE_DIR`` and then again with that warm cache (best of 3). The
+   child's wall time from python start to the first step's result (python start + import + load + first
+   step, measured from the parent) is the "warm start" figure.
 4. The headline ratios against their targets.
 
 Thread pools: by default OpenBLAS, libgomp (Numba's omp layer, torch) and onnxruntime spin-wait after each
@@ -82,7 +85,7 @@ TARGETS = {
     "lstm64_vs_torch_lstm": 30.0,   # edgernn at least this many times faster
     "lstm64_vs_onnxruntime": 5.0,
     "tick10k_vs_gemm": 2.0,          # edgernn tick at most this many GEMM times
-    "warm_start_s": 2.0,             # whole child, warm cache
+    "warm_start_s": 2.0,             # python start to first step, warm cache
 }
 
 
@@ -232,6 +235,7 @@ def measure(run, repeats: int, repeat_s: float) -> dict:
     The loop count n is calibrated so each repeat lasts about ``repeat_s``; one repeat is run first as a
     warm-up and dropped.
     """
+    run(1)  # a first call after set-up can be slow (page faults, a thread pool waking): keep it out of n
     n = 1
     while True:
         start = time.perf_counter()
@@ -654,11 +658,13 @@ state = model.new_state()
 x = np.zeros(model.input_size, np.float32)
 model.step(x, state)
 t3 = time.perf_counter()
-states = model.new_state(batch=4)
+states = model.new_state(batch=1024)
 model.step_batch(states, np.arange(4, dtype=np.int64), np.zeros((4, model.input_size), np.float32))
 t4 = time.perf_counter()
+model.step_batch(states, np.arange(1024, dtype=np.int64), np.zeros((1024, model.input_size), np.float32))
+t5 = time.perf_counter()
 print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "first_step_s": t3 - t2,
-                  "first_step_batch_s": t4 - t3}))
+                  "first_step_batch_4_s": t4 - t3, "first_step_batch_1024_s": t5 - t4}))
 """
 
 
@@ -687,6 +693,8 @@ def run_child(args: dict, cache_dir: Path) -> dict:
         raise RuntimeError(f"compile-time child failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["wall_s"] = wall
+    # What a user waits for: python start to the first step's result (the batch calls come after it).
+    result["start_to_first_step_s"] = wall - result["first_step_batch_4_s"] - result["first_step_batch_1024_s"]
     result["load_plus_first_step_s"] = result["load_s"] + result["first_step_s"]
     return result
 
@@ -704,7 +712,7 @@ def compile_times(cfg, tmp: Path) -> dict | None:
     for i in range(cfg.warm_children):
         log(f"compile time: child with warm cache ({i + 1}/{cfg.warm_children})")
         warm_runs.append(run_child(args, cache))
-    warm = min(warm_runs, key=lambda r: r["wall_s"])
+    warm = min(warm_runs, key=lambda r: r["start_to_first_step_s"])
     cached_files = sum(1 for p in cache.rglob("*") if p.is_file())
     return {"mode": args["mode"], "cold": cold, "warm": warm, "warm_runs": warm_runs,
             "cache_files": cached_files}
@@ -781,15 +789,16 @@ def table_compile(compiled) -> str:
     lines = [
         f"Numba compile time, LSTM H={BATCH_H}, fresh child process ({how}), seconds",
         "",
-        "| NUMBA_CACHE_DIR | whole child (wall) | import edgernn | load | first step | load + first step "
-        "| first step_batch |",
-        "|---|---|---|---|---|---|---|",
+        "| NUMBA_CACHE_DIR | python start to first step (wall) | import edgernn | load | first step | load + first step "
+        "| then first step_batch, 4 streams | then 1,024 streams |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for label, key in (("empty", "cold"), ("warm", "warm")):
         r = compiled[key]
         lines.append(
-            f"| {label} | {r['wall_s']:.2f} | {r['import_s']:.2f} | {r['load_s']:.2f} | {r['first_step_s']:.2f} | "
-            f"{r['load_plus_first_step_s']:.2f} | {r['first_step_batch_s']:.2f} |"
+            f"| {label} | {r['start_to_first_step_s']:.2f} | {r['import_s']:.2f} | {r['load_s']:.2f} | {r['first_step_s']:.2f} | "
+            f"{r['load_plus_first_step_s']:.2f} | {r['first_step_batch_4_s']:.2f} | "
+            f"{r['first_step_batch_1024_s']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -804,7 +813,7 @@ def headline(rows, batch, compiled, peak) -> dict:
         "lstm64_vs_onnxruntime": _ratio(lstm64["onnxruntime"], e),
         "tick10k_vs_gemm": None if tick is None else _ratio(tick.get("edgernn"), tick["gemm"]),
         "lstm64_fraction_of_floor": None if e is None else lstm64["floor_us"] / e["median_us"],
-        "warm_start_s": None if compiled is None else compiled["warm"]["wall_s"],
+        "warm_start_s": None if compiled is None else compiled["warm"]["start_to_first_step_s"],
         "peak_gflops_1core": peak,
     }
 
@@ -878,7 +887,7 @@ def parse_args(argv=None):
     args.repeats = 7 if args.quick else 25
     args.repeat_s = 0.004 if args.quick else 0.012
     args.batch_repeats = 5 if args.quick else 15
-    args.batch_repeat_s = 0.01 if args.quick else 0.03
+    args.batch_repeat_s = 0.01 if args.quick else 0.05
     args.warm_children = 1 if args.quick else 3
     args.peak_size = 1024 if args.quick else 2048
     return args

@@ -104,18 +104,22 @@ class Model:
         states[slots] = self._rest_state
 
     # ---- one stream ----------------------------------------------------------------------------
-    def step(self, x, state: np.ndarray) -> np.ndarray:
+    def step(self, x, state: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Advance one stream by one sample: x (input_size,) -> y (output_size,); ``state`` in place.
 
+        ``out``, a float32 (output_size,) array, receives y instead of a new array (no allocation).
         With a (B, state_size) state from ``new_state(batch=B)``, x is (B, input_size) and y (B, output_size).
         """
-        y = np.empty(self.output_size, np.float32)
+        y = np.empty(self.output_size, np.float32) if out is None else out
         try:
             status = self._step_one(x, state, self._packed, self._meta, self._work, y)
         except TypeError:  # not float32 C-contiguous 1-D arrays: convert what can be, refuse the rest
             if isinstance(state, np.ndarray) and state.ndim == 2:
                 return self._step_all_rows(x, state, "x")
             _check_state(state, self.state_size, 1)
+            if not (isinstance(y, np.ndarray) and y.dtype == np.float32 and y.shape == (self.output_size,)
+                    and y.flags.c_contiguous and y.flags.writeable):
+                raise InputError(f"out: must be a writeable float32 array of shape ({self.output_size},)")
             x = _as_float32(x, "x", 1)
             status = self._step_one(x, state, self._packed, self._meta, self._work, y)
         if status != stack.OK:
@@ -193,6 +197,8 @@ class Model:
             values, counts = np.unique(slots, return_counts=True)
             raise InputError(f"slots: slot {values[counts > 1][0]} appears more than once; one sample per "
                              "stream per call")
+        if status == stack.BAD_OUTPUT_SHAPE:
+            raise InputError(f"out: must be a writeable float32 array of shape ({self.output_size},)")
         if status == stack.BAD_SAMPLE_COUNT:
             raise InputError(f"{name}: {len(x)} samples for {len(slots)} slots; give one sample per slot")
         x = np.asarray(x)

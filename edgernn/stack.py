@@ -3,7 +3,8 @@
 Public wrappers live in `edgernn.model`; these kernels do only arithmetic and cheap checks, and report a
 status code instead of raising (a raise inside a kernel is slow and loses the message):
 
-    OK, BAD_INPUT_SHAPE, BAD_STATE_SHAPE, NOT_FINITE, BAD_SLOT, DUPLICATE_SLOT, BAD_SAMPLE_COUNT
+    OK, BAD_INPUT_SHAPE, BAD_STATE_SHAPE, NOT_FINITE, BAD_SLOT, DUPLICATE_SLOT, BAD_SAMPLE_COUNT,
+    BAD_OUTPUT_SHAPE
 
 Every kernel checks everything before it writes any state, so a rejected call leaves all state as it was.
 All of them move streams in tiles: ``advance`` gathers the tile's state rows into contiguous per-layer
@@ -26,7 +27,7 @@ from .plan import (
     H_NORMALIZE, H_OUTPUT, H_STATE, H_STD, HEADER, LSTM, ROW, RNN_RELU,
 )
 
-OK, BAD_INPUT_SHAPE, BAD_STATE_SHAPE, NOT_FINITE, BAD_SLOT, DUPLICATE_SLOT, BAD_SAMPLE_COUNT = range(7)
+OK, BAD_INPUT_SHAPE, BAD_STATE_SHAPE, NOT_FINITE, BAD_SLOT, DUPLICATE_SLOT, BAD_SAMPLE_COUNT, BAD_OUTPUT_SHAPE = range(8)
 TILE = 16
 """Streams per tile in the batched kernels: each weight row is reused TILE times while in L1."""
 
@@ -156,8 +157,10 @@ def step_one(x, state, weights, meta, work, y):
 
     A tile of one stream is laid out exactly like its state row, so the layers run on ``state`` itself.
     """
-    if x.shape[0] != meta[H_INPUT] or y.shape[0] != meta[H_OUTPUT]:
+    if x.shape[0] != meta[H_INPUT]:
         return BAD_INPUT_SHAPE
+    if y.shape[0] != meta[H_OUTPUT]:
+        return BAD_OUTPUT_SHAPE
     if state.shape[0] != meta[H_STATE]:
         return BAD_STATE_SHAPE
     if not _all_finite(x):

@@ -458,3 +458,20 @@ def test_two_threads_step_separate_states(lstm):
                 assert state.tobytes() == alone[i][1].tobytes(), f"trial {trial}, thread {i}: state differs"
     finally:
         sys.setswitchinterval(interval)
+
+
+def test_step_into_out_equals_step_and_refuses_a_wrong_out():
+    spec = random_spec("lstm", hidden=16, head=(3,))
+    model = Model(spec, random_weights(spec))
+    xs = random_inputs(model, steps=20)
+    expected_state, state = model.new_state(), model.new_state()
+    out = np.empty(model.output_size, np.float32)
+    for x in xs:
+        expected = model.step(x, expected_state)
+        assert model.step(x, state, out=out) is out
+        np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(state, expected_state)
+    for bad in (np.empty(model.output_size), np.empty(model.output_size + 1, np.float32), [0.0] * 3):
+        with pytest.raises(InputError, match="out"):
+            model.step(xs[0], state, out=bad)
+    np.testing.assert_array_equal(state, expected_state)
