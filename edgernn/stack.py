@@ -28,7 +28,7 @@ from .plan import (
 )
 
 OK, BAD_INPUT_SHAPE, BAD_STATE_SHAPE, NOT_FINITE, BAD_SLOT, DUPLICATE_SLOT, BAD_SAMPLE_COUNT, BAD_OUTPUT_SHAPE = range(8)
-TILE = 16
+TILE = 8
 """Streams per tile in the batched kernels: each weight row is reused TILE times while in L1."""
 
 
@@ -116,14 +116,14 @@ def _move_rows(states, rows, first, tile, meta, S, gather):
         H = meta[base + 2]
         for vector in range(2 if meta[base] == LSTM else 1):
             for s in range(S):
-                row = rows[first + s]
-                at = S * start + s * H
+                vector = states[rows[first + s]][start:start + H]
+                block = tile[S * start + s * H:S * start + (s + 1) * H]
                 if gather:
                     for j in range(H):
-                        tile[at + j] = states[row, start + j]
+                        block[j] = vector[j]
                 else:
                     for j in range(H):
-                        states[row, start + j] = tile[at + j]
+                        vector[j] = block[j]
             start += H
 
 
@@ -139,8 +139,9 @@ def _advance_rows(states, rows, X, first, S, weights, meta, work, Y):
     advance(work[:S * n_in], tile, S, weights, meta, work, out)
     _move_rows(states, rows, first, tile, meta, S, False)
     for s in range(S):
+        y, out_s = Y[first + s], out[s * n_out:(s + 1) * n_out]
         for j in range(n_out):
-            Y[first + s, j] = out[s * n_out + j]
+            y[j] = out_s[j]
 
 
 @njit(**INLINE_OPTIONS)
