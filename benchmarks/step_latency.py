@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/step_latency.py              # full run (~2-3 minutes on 2 cores)
+    .venv/bin/python benchmarks/step_latency.py              # full run (about 70 s on 2 cores)
     .venv/bin/python benchmarks/step_latency.py --quick      # smoke run: few repeats
     .venv/bin/python benchmarks/step_latency.py --markdown   # only the tables, for the README
     .venv/bin/python benchmarks/step_latency.py --json out.json   # also write the raw numbers
@@ -10,8 +10,8 @@ Run from the repository root::
 
 What it measures (float32, input 8, random weights, one recurrent layer, no head):
 
-1. One stream, µs per step (median over repeats of the mean of a loop of calls), for RNN (tanh), GRU and
-   LSTM at hidden 32/64/128, one thread everywhere:
+1. One stream, µs per step (median over repeats of the mean of a loop of calls; the backends' repeats
+   interleaved so drift hits all alike), for RNN (tanh), GRU and LSTM at hidden 32/64/128, one thread:
    - edgernn ``model.step(x, state)`` -- the checked call a user makes, after a warm-up call that compiles;
    - PyTorch eager ``nn.LSTM``/``nn.GRU``/``nn.RNN`` at seq_len 1 passing the state back each step, and
      the cell modules ``nn.LSTMCell``/``nn.GRUCell``/``nn.RNNCell`` (``torch.no_grad``, 1 thread, the input
@@ -25,7 +25,9 @@ What it measures (float32, input 8, random weights, one recurrent layer, no head
 2. Many streams, LSTM H=64: time per tick (every stream advances one sample) for 1,000 and 10,000 streams,
    and for 1,000 scattered slots of a 10,000-row table, with all the machine's cores: edgernn
    ``model.step_batch(states, slots, X)``; one float32 GEMM of the same size ([x; h] (N, I+H) @ (I+H, 4H),
-   numpy); torch eager ``nn.LSTMCell`` on the batch; onnxruntime on the batch with IOBinding.
+   numpy); torch eager ``nn.LSTMCell`` on the batch; onnxruntime on the batch with IOBinding. The
+   baselines step a contiguous batch of the same size in every case (a scattered one would need a gather
+   and scatter on top). Backends take turns, repeat by repeat, with a pause after each turn.
 3. Numba compile time: a fresh ``python`` child that imports edgernn, loads the model (``edgernn.load`` of
    a saved file when ``edgernn.format`` exists, else ``Model(spec, weights)``) and makes its first ``step``,
    then its first ``step_batch`` of 4 and of 1,024 streams (small and large batches may use different
@@ -39,6 +41,10 @@ call (see PERF_NOTES item 6). Default measurements keep those defaults; ``--pass
 ``OMP_WAIT_POLICY=PASSIVE`` and ``OPENBLAS_THREAD_TIMEOUT=4`` before anything is imported and turns off
 onnxruntime's spinning, so run both to see the difference. The script sleeps briefly between backends so
 one pool's spinning does not land in the next one's timing.
+
+This machine's speed drifts (whole minutes ~1.5-2x slower, invisible as steal time), so absolute numbers
+move between runs; the interleaving keeps ratios steadier. The run reports how much CPU other processes
+used in each section and warns when it is more than a tenth of a core.
 """
 
 from __future__ import annotations
@@ -79,7 +85,7 @@ ONNX_GATE_ORDER = {"rnn": [0], "gru": [1, 0, 2], "lstm": [0, 3, 1, 2]}
 BATCH_H = 64
 TABLE_ROWS = 10_000
 PARITY_TOL = 1e-4
-SETTLE_S = 0.3  # pause between backends so the previous pool's spin-wait has ended
+SETTLE_S = 0.15  # pause between backends so the previous pool's spin-wait (OpenBLAS: ~0.1 s) has ended
 
 TARGETS = {
     "lstm64_vs_torch_lstm": 30.0,   # edgernn at least this many times faster
@@ -229,12 +235,8 @@ class OpenBLASThreads:
 
 # ---- timing ----------------------------------------------------------------------------------------
 
-def measure(run, repeats: int, repeat_s: float) -> dict:
-    """``run(n)`` does n calls. Returns the median and spread of the per-call time (µs) over ``repeats``.
-
-    The loop count n is calibrated so each repeat lasts about ``repeat_s``; one repeat is run first as a
-    warm-up and dropped.
-    """
+def calibrate(run, repeat_s: float) -> int:
+    """How many calls ``run(n)`` needs for one repeat to last about ``repeat_s``."""
     run(1)  # a first call after set-up can be slow (page faults, a thread pool waking): keep it out of n
     n = 1
     while True:
@@ -244,20 +246,41 @@ def measure(run, repeats: int, repeat_s: float) -> dict:
         if elapsed >= repeat_s / 4 or n >= 1 << 22:
             break
         n *= 4 if elapsed < repeat_s / 40 else 2
-    n = max(1, int(n * repeat_s / max(elapsed, 1e-9)))
-    run(n)
-    per_call = []
+    return max(1, int(n * repeat_s / max(elapsed, 1e-9)))
+
+
+def measure_many(runs: dict, repeats: int, repeat_s: float, pause_s: float = 0.0) -> dict[str, dict]:
+    """Per-call time (µs) of each ``run(n)`` in ``runs``: median, min and max over ``repeats``.
+
+    The backends' repeats are interleaved (A B C A B C ...), so a slow patch of the machine (another
+    process, a frequency change) lands on all of them alike and the ratios between them stay steady.
+    ``pause_s``: sleep after each backend's turn (lets a multi-threaded backend's pool stop spinning); each
+    turn then starts with one untimed call, so the timing is of sustained ticks, not of waking threads.
+    """
+    calls = {}
+    for name, run in runs.items():
+        calls[name] = calibrate(run, repeat_s)
+        time.sleep(pause_s)
+    samples: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter_ns()
-        run(n)
-        per_call.append((time.perf_counter_ns() - start) / n / 1e3)
+        for name, run in runs.items():
+            n = calls[name]
+            if pause_s:
+                run(1)  # after a pause the pool's threads (and an idle vCPU) need waking: not part of a tick
+            start = time.perf_counter_ns()
+            run(n)
+            samples[name].append((time.perf_counter_ns() - start) / n / 1e3)
+            time.sleep(pause_s)
     return {
-        "median_us": statistics.median(per_call),
-        "min_us": min(per_call),
-        "max_us": max(per_call),
-        "calls_per_repeat": n,
-        "repeats": repeats,
+        name: {"median_us": statistics.median(values), "min_us": min(values), "max_us": max(values),
+               "calls_per_repeat": calls[name], "repeats": repeats}
+        for name, values in samples.items()
     }
+
+
+def measure(run, repeats: int, repeat_s: float) -> dict:
+    """`measure_many` of one backend."""
+    return measure_many({"run": run}, repeats, repeat_s)["run"]
 
 
 # ---- models ----------------------------------------------------------------------------------------
@@ -387,7 +410,8 @@ def parity_one_stream(cell, model, seq, one, session, steps: int = 5) -> dict:
     return diffs
 
 
-def bench_edgernn_step(model, repeats, repeat_s):
+def loop_edgernn_step(model):
+    """``run(n)``: n checked ``model.step`` calls on one stream."""
     step = model.step
     state = model.new_state()
     x = np.random.default_rng(2).standard_normal(INPUT).astype(np.float32)
@@ -397,10 +421,11 @@ def bench_edgernn_step(model, repeats, repeat_s):
         for _ in range(n):
             step(x, state)
 
-    return measure(run, repeats, repeat_s)
+    return run
 
 
-def bench_torch_seq(cell, seq, repeats, repeat_s):
+def loop_torch_seq(cell, seq):
+    """``run(n)``: n calls of nn.LSTM/GRU/RNN on a length-1 sequence, the state passed back each step."""
     import torch
 
     hidden = seq.hidden_size
@@ -417,10 +442,11 @@ def bench_torch_seq(cell, seq, repeats, repeat_s):
             with torch.no_grad():
                 for _ in range(n):
                     y, state = seq(x, state)
-    return measure(run, repeats, repeat_s)
+    return run
 
 
-def bench_torch_cell(cell, one, repeats, repeat_s):
+def loop_torch_cell(cell, one):
+    """``run(n)``: n calls of nn.LSTMCell/GRUCell/RNNCell, the state passed back each step."""
     import torch
 
     hidden = one.hidden_size
@@ -437,11 +463,11 @@ def bench_torch_cell(cell, one, repeats, repeat_s):
             with torch.no_grad():
                 for _ in range(n):
                     state = one(x, state)
-    return measure(run, repeats, repeat_s)
+    return run
 
 
-def bench_ort_step(cell, session, hidden, repeats, repeat_s):
-    """``session.run`` per step, the previous step's state fed back in a dict of numpy arrays."""
+def loop_ort_step(cell, session, hidden):
+    """``run(n)``: n ``session.run`` calls, the previous step's state fed back in a dict of numpy arrays."""
     x = np.random.default_rng(2).standard_normal((1, 1, INPUT)).astype(np.float32)
     run_session = session.run
     if cell == "lstm":
@@ -459,7 +485,7 @@ def bench_ort_step(cell, session, hidden, repeats, repeat_s):
             h = np.zeros((1, 1, hidden), np.float32)
             for _ in range(n):
                 (h,) = run_session(names, {"X": x, "h0": h})
-    return measure(run, repeats, repeat_s)
+    return run
 
 
 def flops_per_step(cell: str, hidden: int, inputs: int = INPUT) -> int:
@@ -483,11 +509,12 @@ def single_stream(cfg, tmp: Path, peak_gflops: float) -> list[dict]:
             row = {"cell": cell, "hidden": hidden, "flops": flops_per_step(cell, hidden)}
             row["floor_us"] = row["flops"] / (peak_gflops * 1e3)
             row["parity_max_abs"] = parity_one_stream(cell, model, seq, one, session)
-            r, s = cfg.repeats, cfg.repeat_s
-            row["edgernn"] = bench_edgernn_step(model, r, s) if model is not None else None
-            row["torch_seq"] = bench_torch_seq(cell, seq, r, s)
-            row["torch_cell"] = bench_torch_cell(cell, one, r, s)
-            row["onnxruntime"] = bench_ort_step(cell, session, hidden, r, s)
+            runs = {"torch_seq": loop_torch_seq(cell, seq), "torch_cell": loop_torch_cell(cell, one),
+                    "onnxruntime": loop_ort_step(cell, session, hidden)}
+            if model is not None:
+                runs["edgernn"] = loop_edgernn_step(model)
+            row["edgernn"] = None
+            row.update(measure_many(runs, cfg.repeats, cfg.repeat_s))
             rows.append(row)
     return rows
 
@@ -526,7 +553,8 @@ def _timed(fn) -> float:
 
 # ---- many streams ----------------------------------------------------------------------------------
 
-def bench_step_batch(model, states, slots, X, repeats, repeat_s):
+def loop_step_batch(model, states, slots, X):
+    """``run(n)``: n edgernn ticks, each advancing rows ``states[slots]``."""
     step_batch = model.step_batch
     step_batch(states, slots, X)  # compile
 
@@ -534,10 +562,11 @@ def bench_step_batch(model, states, slots, X, repeats, repeat_s):
         for _ in range(n):
             step_batch(states, slots, X)
 
-    return measure(run, repeats, repeat_s)
+    return run
 
 
-def bench_gemm(n_streams, hidden, repeats, repeat_s):
+def loop_gemm(n_streams, hidden):
+    """``run(n)``: n float32 GEMMs [x; h] (N, I+H) @ (I+H, 4H) into a preallocated output (numpy)."""
     rng = np.random.default_rng(4)
     xh = rng.standard_normal((n_streams, INPUT + hidden)).astype(np.float32)
     w = rng.standard_normal((INPUT + hidden, 4 * hidden)).astype(np.float32)
@@ -547,10 +576,11 @@ def bench_gemm(n_streams, hidden, repeats, repeat_s):
         for _ in range(n):
             np.matmul(xh, w, out=out)
 
-    return measure(run, repeats, repeat_s)
+    return run
 
 
-def bench_torch_batch(one, n_streams, repeats, repeat_s):
+def loop_torch_batch(one, n_streams):
+    """``run(n)``: n ticks of torch eager nn.LSTMCell over the whole batch."""
     import torch
 
     hidden = one.hidden_size
@@ -562,11 +592,12 @@ def bench_torch_batch(one, n_streams, repeats, repeat_s):
             for _ in range(n):
                 state = one(X, state)
 
-    return measure(run, repeats, repeat_s)
+    return run
 
 
-def bench_ort_batch(session, n_streams, hidden, repeats, repeat_s):
-    """LSTM op over the batch with IOBinding: two state buffers used in turn, no allocation per tick."""
+def loop_ort_batch(session, n_streams, hidden):
+    """``run(n)``: n ticks of the ONNX LSTM op over the batch with IOBinding, two state buffers used in turn
+    (no allocation per tick)."""
     X = np.random.default_rng(4).standard_normal((1, n_streams, INPUT)).astype(np.float32)
     buffers = [(np.zeros((1, n_streams, hidden), np.float32), np.zeros((1, n_streams, hidden), np.float32))
                for _ in range(2)]
@@ -586,7 +617,8 @@ def bench_ort_batch(session, n_streams, hidden, repeats, repeat_s):
         for i in range(n):
             run_binding(first if i % 2 == 0 else second)
 
-    return measure(run, repeats, repeat_s)
+    run.bound_arrays = (X, buffers)  # the bindings hold raw pointers: keep the arrays alive with the loop
+    return run
 
 
 def many_streams(cfg, tmp: Path, threads: int, blas: OpenBLASThreads) -> dict:
@@ -609,22 +641,20 @@ def many_streams(cfg, tmp: Path, threads: int, blas: OpenBLASThreads) -> dict:
     rng = np.random.default_rng(5)
     cases = [("all slots", 1_000, np.arange(1_000)), ("all slots", 10_000, np.arange(10_000)),
              ("scattered of 10,000", 1_000, rng.permutation(TABLE_ROWS)[:1_000])]
-    r, s = cfg.batch_repeats, cfg.batch_repeat_s
     rows = []
     for label, n_streams, slots in cases:
         log(f"many streams: {n_streams} ({label})")
         row = {"case": label, "streams": n_streams}
         X = rng.standard_normal((n_streams, INPUT)).astype(np.float32)
+        runs = {}
         if model is not None:
             table = model.new_state(batch=TABLE_ROWS if "scattered" in label else n_streams)
-            row["edgernn"] = bench_step_batch(model, table, slots.astype(np.int64), X, r, s)
-            settle()
-        row["gemm"] = bench_gemm(n_streams, BATCH_H, r, s)
-        settle()
-        row["torch_cell"] = bench_torch_batch(one, n_streams, r, s)
-        settle()
-        row["onnxruntime_iobinding"] = bench_ort_batch(session, n_streams, BATCH_H, r, s)
-        settle()
+            runs["edgernn"] = loop_step_batch(model, table, slots.astype(np.int64), X)
+        runs["gemm"] = loop_gemm(n_streams, BATCH_H)
+        runs["torch_cell"] = loop_torch_batch(one, n_streams)
+        runs["onnxruntime_iobinding"] = loop_ort_batch(session, n_streams, BATCH_H)
+        # Pause after each backend's repeat so its thread pool has stopped spinning before the next one.
+        row.update(measure_many(runs, cfg.batch_repeats, cfg.batch_repeat_s, pause_s=SETTLE_S))
         rows.append(row)
     layer = None
     try:
@@ -884,10 +914,10 @@ def parse_args(argv=None):
     parser.add_argument("--passive", action="store_true",
                         help="OMP_WAIT_POLICY=PASSIVE, OPENBLAS_THREAD_TIMEOUT=4, no onnxruntime spinning")
     args = parser.parse_args(argv)
-    args.repeats = 7 if args.quick else 25
-    args.repeat_s = 0.004 if args.quick else 0.012
-    args.batch_repeats = 5 if args.quick else 15
-    args.batch_repeat_s = 0.01 if args.quick else 0.05
+    args.repeats = 7 if args.quick else 41
+    args.repeat_s = 0.004 if args.quick else 0.01
+    args.batch_repeats = 4 if args.quick else 11
+    args.batch_repeat_s = 0.01 if args.quick else 0.04
     args.warm_children = 1 if args.quick else 3
     args.peak_size = 1024 if args.quick else 2048
     return args

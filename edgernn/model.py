@@ -20,7 +20,7 @@ import numpy as np
 
 from . import stack
 from .errors import InputError, SpecError
-from .plan import pack
+from .plan import ALIGNMENT, aligned_zeros, pack
 from .spec import ModelSpec, check_weights
 
 _F32_1D = "float32[::1]"
@@ -77,7 +77,7 @@ class Model:
         self._rest_state = np.zeros(self.state_size, np.float32)
         # Scratch, allocated once. Kernels hold the GIL, so one stream's scratch is never shared by two
         # running calls; the batched kernels' scratch and row marks are guarded by a lock.
-        self._work = np.zeros(stack.work_size(self._meta, 1), np.float32)
+        self._work = aligned_zeros(stack.work_size(self._meta, 1))
         self._tile_work = None
         self._marks = np.zeros(0, np.uint8)
         self._batch_lock = threading.Lock()
@@ -95,7 +95,9 @@ class Model:
             return self._rest_state.copy()
         if isinstance(batch, bool) or not isinstance(batch, int | np.integer) or batch < 0:
             raise InputError(f"batch: must be a non-negative integer, got {batch!r}")
-        return np.tile(self._rest_state, (int(batch), 1))
+        states = aligned_zeros((int(batch), self.state_size))
+        states[:] = self._rest_state
+        return states
 
     def reset(self, states: np.ndarray, slots) -> None:
         """Put rows ``states[slots]`` back to the rest state (what `new_state` returns)."""
@@ -183,7 +185,8 @@ class Model:
             import numba
 
             size = stack.work_size(self._meta, stack.TILE)
-            self._tile_work = np.zeros((numba.config.NUMBA_NUM_THREADS, size), np.float32)
+            size += -size % (ALIGNMENT // 4)  # every thread's row starts on its own cache line
+            self._tile_work = aligned_zeros((numba.config.NUMBA_NUM_THREADS, size))
         return self._tile_work
 
     # ---- errors --------------------------------------------------------------------------------

@@ -166,8 +166,9 @@ def step_one(x, state, weights, meta, work, y):
         return BAD_STATE_SHAPE
     if not _all_finite(x):
         return NOT_FINITE
+    one = state.shape[0] // meta[H_STATE]  # a runtime 1: a literal would compile a second `advance`
     _normalise_into(work, 0, x, meta, weights)
-    advance(work[:x.shape[0]], state, 1, weights, meta, work, y)
+    advance(work[:x.shape[0]], state, one, weights, meta, work, y)
     return OK
 
 
@@ -182,9 +183,10 @@ def run_sequence(xs, state, weights, meta, work, ys):
         return NOT_FINITE
     n_in, n_out = meta[H_INPUT], meta[H_OUTPUT]
     out = work[work.shape[0] - n_out:]
+    one = state.shape[0] // meta[H_STATE]  # see step_one
     for t in range(xs.shape[0]):
         _normalise_into(work, 0, xs[t], meta, weights)
-        advance(work[:n_in], state, 1, weights, meta, work, out)
+        advance(work[:n_in], state, one, weights, meta, work, out)
         for j in range(n_out):
             ys[t, j] = out[j]
     return OK

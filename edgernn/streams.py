@@ -24,6 +24,7 @@ import safetensors.numpy
 from ._files import atomic_write_bytes
 from .errors import FormatError
 from .format import check_kind, model_fingerprint, read_tensor_file, select_reader, tensor_checksum, verify_checksum
+from .plan import aligned_zeros
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class StreamTable:
         self.evictions = 0
         self._rest = np.array(model.new_state(), dtype=np.float32)
         capacity = min(initial_capacity, max_streams)
-        self.states = np.empty((capacity, self._rest.size), dtype=np.float32)
+        self.states = aligned_zeros((capacity, self._rest.size))
         self.states[:] = self._rest
         self._slots: OrderedDict = OrderedDict()  # key -> slot, least recently used first
         self._free = list(range(capacity - 1, -1, -1))  # pop() hands out the lowest slot first
@@ -133,7 +134,7 @@ class StreamTable:
     def _grow(self) -> None:
         old = self.capacity
         new = min(2 * old, self.max_streams)
-        states = np.empty((new, self._rest.size), dtype=np.float32)
+        states = aligned_zeros((new, self._rest.size))
         states[:old] = self.states
         states[old:] = self._rest
         self.states = states
@@ -180,7 +181,7 @@ class StreamTable:
             self.evictions += dropped
             keys, states = keys[dropped:], states[dropped:]
         capacity = min(self.max_streams, max(self.capacity, len(keys)))
-        table = np.empty((capacity, self._rest.size), dtype=np.float32)
+        table = aligned_zeros((capacity, self._rest.size))
         table[:len(keys)] = states
         table[len(keys):] = self._rest
         self.states = table
