@@ -48,12 +48,18 @@ def gru_layer(inp, h, WT, RT, bW, bR, linear_before_reset, gx, gh, rh, S, I, H):
         x_r, x_z, x_n = gx[s * G:s * G + H], gx[s * G + H:s * G + 2 * H], gx[s * G + 2 * H:(s + 1) * G]
         h_r, h_z, h_n = gh[s * G:s * G + H], gh[s * G + H:s * G + 2 * H], gh[s * G + 2 * H:(s + 1) * G]
         h_s, rh_s = h[s * H:(s + 1) * H], rh[s * H:(s + 1) * H]
+        # Short passes over few arrays each, so LLVM can vectorise them (see lstm_layer).
         for j in range(H):
-            r = sigmoid(x_r[j] + h_r[j])
-            x_r[j] = r
-            rh_s[j] = r * h_s[j]
-        if not linear_before_reset:
+            x_r[j] = sigmoid(x_r[j] + h_r[j])  # r
+        for j in range(H):
+            x_z[j] = sigmoid(x_z[j] + h_z[j])  # z
+        if linear_before_reset:
+            for j in range(H):
+                x_n[j] = tanh(x_n[j] + x_r[j] * h_n[j])  # n = tanh(W_n x + Wb_n + r * (R_n h + Rb_n))
+        else:
             # n's recurrent term sees the reset hidden state: R_n (r * h) + Rb_n (RT's last H columns).
+            for j in range(H):
+                rh_s[j] = x_r[j] * h_s[j]
             for j in range(H):
                 h_n[j] = bR[2 * H + j]
             for k in range(H):
@@ -61,11 +67,7 @@ def gru_layer(inp, h, WT, RT, bW, bR, linear_before_reset, gx, gh, rh, S, I, H):
                 R_n = RT[k * G + 2 * H:(k + 1) * G]
                 for j in range(H):
                     h_n[j] += a * R_n[j]
+            for j in range(H):
+                x_n[j] = tanh(x_n[j] + h_n[j])
         for j in range(H):
-            r = x_r[j]
-            z = sigmoid(x_z[j] + h_z[j])
-            if linear_before_reset:
-                n = tanh(x_n[j] + r * h_n[j])
-            else:
-                n = tanh(x_n[j] + h_n[j])
-            h_s[j] = (np.float32(1.0) - z) * n + z * h_s[j]
+            h_s[j] = (np.float32(1.0) - x_z[j]) * x_n[j] + x_z[j] * h_s[j]  # h' = (1 - z) n + z h

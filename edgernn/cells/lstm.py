@@ -39,14 +39,19 @@ def lstm_layer(inp, h, c, WT, RT, bW, bR, gates, S, I, H):
     matmul_acc(inp, WT, gates, S, I, G)
     matmul_acc(h, RT, gates, S, H, G)
     for s in range(S):
-        g_i, g_f = gates[s * G:s * G + H], gates[s * G + H:s * G + 2 * H]
-        g_g, g_o = gates[s * G + 2 * H:s * G + 3 * H], gates[s * G + 3 * H:(s + 1) * G]
-        h_s, c_s = h[s * H:(s + 1) * H], c[s * H:(s + 1) * H]
+        # Separate passes, each touching few arrays: LLVM vectorises a loop only when it can check every
+        # pair of arrays it reads and writes for overlap at run time, and gives up beyond a handful.
+        g = gates[s * G:(s + 1) * G]
+        for j in range(2 * H):
+            g[j] = sigmoid(g[j])  # i, f
+        g_g, g_o = g[2 * H:3 * H], g[3 * H:]
         for j in range(H):
-            i = sigmoid(g_i[j])
-            f = sigmoid(g_f[j])
-            cell = tanh(g_g[j])
-            o = sigmoid(g_o[j])
-            c_new = f * c_s[j] + i * cell
-            c_s[j] = c_new
-            h_s[j] = o * tanh(c_new)
+            g_g[j] = tanh(g_g[j])
+        for j in range(H):
+            g_o[j] = sigmoid(g_o[j])
+        i, f = g[:H], g[H:2 * H]
+        c_s, h_s = c[s * H:(s + 1) * H], h[s * H:(s + 1) * H]
+        for j in range(H):
+            c_s[j] = f[j] * c_s[j] + i[j] * g_g[j]
+        for j in range(H):
+            h_s[j] = g_o[j] * tanh(c_s[j])
