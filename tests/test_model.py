@@ -475,3 +475,21 @@ def test_step_into_out_equals_step_and_refuses_a_wrong_out():
         with pytest.raises(InputError, match="out"):
             model.step(xs[0], state, out=bad)
     np.testing.assert_array_equal(state, expected_state)
+
+
+def test_step_batch_into_out_equals_step_batch_and_refuses_a_wrong_out():
+    spec = random_spec("gru", hidden=16, head=(3,))
+    model = Model(spec, random_weights(spec))
+    X = np.random.default_rng(3).standard_normal((70, model.input_size)).astype(np.float32)
+    expected_states, states = model.new_state(batch=80), model.new_state(batch=80)
+    slots = np.arange(5, 75)
+    out = np.empty((70, model.output_size), np.float32)
+    for _ in range(3):
+        expected = model.step_batch(expected_states, slots, X)
+        assert model.step_batch(states, slots, X, out=out) is out
+        np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(states, expected_states)
+    for bad in (np.empty((70, model.output_size)), np.empty((69, model.output_size), np.float32), [[0.0]]):
+        with pytest.raises(InputError, match="out"):
+            model.step_batch(states, slots, X, out=bad)
+    np.testing.assert_array_equal(states, expected_states)
