@@ -3,6 +3,7 @@
     edgernn convert SRC -o OUT.ern [--dtype float32|float16|int8]   PyTorch checkpoint -> compact file
     edgernn inspect FILE                                            layers, sizes, dtype, checksum
     edgernn stream FILE [--csv IN]      CSV samples in, one prediction per line out (bad lines skipped)
+    edgernn compile                     fill Numba's cache now (e.g. at install), not at the first start
 
 Errors are one line on stderr and exit status 1 (``--debug`` shows the traceback).
 """
@@ -60,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     stream.add_argument("file")
     stream.add_argument("--csv", default="-", help="input CSV file, one sample per line (default stdin)")
     stream.set_defaults(run=_stream)
+
+    compile_ = commands.add_parser("compile", help="compile the kernels into Numba's cache (one time, any model)")
+    compile_.set_defaults(run=_compile)
     return parser
 
 
@@ -103,6 +107,24 @@ def _stream(args) -> int:
                 continue
             print(",".join(f"{value:.6g}" for value in y), flush=True)
     return 1 if rejected else 0
+
+
+def _compile(args) -> None:
+    """The kernels are generic over models, so compiling them once with a tiny model serves every model."""
+    import time
+
+    import numpy as np
+
+    from .model import PARALLEL_MIN_STREAMS, Model
+    from .spec import ModelSpec, RecurrentLayer
+
+    start = time.perf_counter()
+    spec = ModelSpec(1, (RecurrentLayer("lstm", 1, 1),))
+    model = Model(spec, {name: np.zeros(shape, np.float32) for name, shape in spec.tensor_shapes().items()})
+    model.run(np.zeros((1, 1), np.float32), model.new_state())
+    for streams in (1, PARALLEL_MIN_STREAMS):
+        model.step_batch(model.new_state(batch=streams), np.arange(streams), np.zeros((streams, 1), np.float32))
+    print(f"kernels compiled and cached in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":
