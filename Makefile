@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # torch==2.13.0 is the CPU build (a plain `torch` can pull a multi-GB CUDA build).
 DEV_INSTALL := -e '.[dev]' 'torch==2.13.0'
 
-.PHONY: demo test bench broker clean clean-cache
+.PHONY: demo test bench broker clean clean-cache test-arm64
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ broker:
 	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || { \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q mosquitto; }
+
+# The tests on aarch64 (the Pi target) under qemu-user, in an arm64 Debian 12 chroot cached in
+# /var/tmp/edgernn-arm64 (EDGERNN_ARM64_ROOT). Needs root; the first run builds the root (~6 min).
+# ARGS go to pytest, e.g. make test-arm64 ARGS='tests/test_cells.py -x'.
+test-arm64:
+	bash scripts/test_arm64.sh $(ARGS)
 
 # Numba caches compiled kernels beside the sources; the tests key theirs by a hash of the sources.
 clean-cache:

@@ -6,6 +6,15 @@ import numpy as np
 
 from edgernn.spec import DenseLayer, ModelSpec, RecurrentLayer
 
+FAMILIES = {
+    "rnn-tanh": dict(cell="rnn"),
+    "rnn-relu": dict(cell="rnn", activation="relu"),
+    "gru-lbr": dict(cell="gru", linear_before_reset=True),
+    "gru-no-lbr": dict(cell="gru", linear_before_reset=False),
+    "lstm": dict(cell="lstm"),
+}
+"""Every cell family the kernels implement, as `random_spec` keyword arguments."""
+
 
 def random_spec(cell: str = "lstm", input_size: int = 8, hidden: int = 64, layers: int = 1,
                 head: tuple[int, ...] = (4,), normalize: bool = False, bias: bool = True,

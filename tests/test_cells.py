@@ -17,19 +17,12 @@ import pytest
 from edgernn import stack
 from edgernn.model import PARALLEL_MIN_STREAMS, Model
 from edgernn.reference import reference_run
-from helpers import random_spec, random_weights
+from helpers import FAMILIES, random_spec, random_weights
 
 TOLERANCE = 1e-5
 STEPS = 500
 GAIN, BIAS_SCALE = 0.5, 0.1
 
-FAMILIES = {
-    "rnn-tanh": dict(cell="rnn"),
-    "rnn-relu": dict(cell="rnn", activation="relu"),
-    "gru-lbr": dict(cell="gru", linear_before_reset=True),
-    "gru-no-lbr": dict(cell="gru", linear_before_reset=False),
-    "lstm": dict(cell="lstm"),
-}
 HIDDEN = (1, 7, 32, 64, 128)
 INPUTS = (1, 13, 8, 5, 17, 3, 24, 33, 2, 9)  # mostly not multiples of 8: matmul_acc unrolls k by 8
 HEADS = [

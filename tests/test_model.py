@@ -11,15 +11,8 @@ import pytest
 import edgernn
 from edgernn.errors import EdgeRNNError, InputError, SpecError
 from edgernn.model import PARALLEL_MIN_STREAMS, Model
-from helpers import random_inputs, random_spec, random_weights
+from helpers import FAMILIES, random_inputs, random_spec, random_weights
 
-FAMILIES = {
-    "rnn-tanh": dict(cell="rnn"),
-    "rnn-relu": dict(cell="rnn", activation="relu"),
-    "gru-lbr": dict(cell="gru", linear_before_reset=True),
-    "gru-no-lbr": dict(cell="gru", linear_before_reset=False),
-    "lstm": dict(cell="lstm"),
-}
 
 
 def make(family="lstm", seed=0, **options):

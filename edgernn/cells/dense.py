@@ -64,6 +64,18 @@ def matmul_acc(A, WT, out, S, K, N):
 
 
 @njit(**KERNEL_OPTIONS)
+def gate_preactivations(inp, h, WT, RT, bW, bR, gates, S, I, H, G):
+    """gates (S, G) = inp (S, I) @ WT (I, G) + Wb + h (S, H) @ RT (H, G) + Rb: every gate of an RNN or
+    LSTM cell before its nonlinearity."""
+    for s in range(S):
+        g = gates[s * G:(s + 1) * G]
+        for j in range(G):
+            g[j] = bW[j] + bR[j]
+    matmul_acc(inp, WT, gates, S, I, G)
+    matmul_acc(h, RT, gates, S, H, G)
+
+
+@njit(**KERNEL_OPTIONS)
 def dense_layer(inp, WT, b, activation, out, S, K, N):
     """out (S, N) = activation(inp (S, K) @ WT (K, N) + b (N,)), flat arrays as in `matmul_acc`."""
     for s in range(S):

@@ -12,7 +12,7 @@ import numpy as np
 from numba import njit
 
 from .activations import KERNEL_OPTIONS, sigmoid, tanh
-from .dense import matmul_acc
+from .dense import gate_preactivations
 
 
 def lstm_reference(x, h, c, W, R, Wb, Rb):
@@ -32,12 +32,7 @@ def lstm_layer(inp, h, c, WT, RT, bW, bR, gates, S, I, H):
     """Flat row-major tiles: inp (S, I); h, c (S, H) advanced in place; WT (I, 4H), RT (H, 4H);
     gates (S, 4H) scratch."""
     G = 4 * H
-    for s in range(S):
-        g = gates[s * G:(s + 1) * G]
-        for j in range(G):
-            g[j] = bW[j] + bR[j]
-    matmul_acc(inp, WT, gates, S, I, G)
-    matmul_acc(h, RT, gates, S, H, G)
+    gate_preactivations(inp, h, WT, RT, bW, bR, gates, S, I, H, G)
     for s in range(S):
         # Separate passes, each touching few arrays: LLVM vectorises a loop only when it can check every
         # pair of arrays it reads and writes for overlap at run time, and gives up beyond a handful.

@@ -8,7 +8,7 @@ import numpy as np
 from numba import njit
 
 from .activations import KERNEL_OPTIONS, relu, tanh
-from .dense import matmul_acc
+from .dense import gate_preactivations
 
 
 def rnn_reference(x, h, W, R, Wb, Rb, activation="tanh"):
@@ -22,12 +22,7 @@ def rnn_reference(x, h, W, R, Wb, Rb, activation="tanh"):
 @njit(**KERNEL_OPTIONS)
 def rnn_layer(inp, h, WT, RT, bW, bR, use_relu, gates, S, I, H):
     """Flat row-major tiles: inp (S, I), h (S, H) advanced in place; WT (I, H), RT (H, H); gates (S, H) scratch."""
-    for s in range(S):
-        g = gates[s * H:(s + 1) * H]
-        for j in range(H):
-            g[j] = bW[j] + bR[j]
-    matmul_acc(inp, WT, gates, S, I, H)
-    matmul_acc(h, RT, gates, S, H, H)
+    gate_preactivations(inp, h, WT, RT, bW, bR, gates, S, I, H, H)
     if use_relu:
         for j in range(S * H):
             h[j] = relu(gates[j])
