@@ -303,7 +303,7 @@ def _load(path: Path, trust_pickle: bool):
         if refused and not trust_pickle:
             raise ConversionError(
                 f"{path}: holds pickled Python objects ({refused.group(1)}), not only tensors; unpickling can run "
-                f"arbitrary code, so pass trust_pickle=True only if you trust this file"
+                f"arbitrary code, so pass trust_pickle=True (edgernn convert --trust-pickle) only if you trust this file"
             ) from None
         raise ConversionError(
             f"{path}: not a PyTorch checkpoint torch can read ({type(exc).__name__}: {_first_line(exc)})"
