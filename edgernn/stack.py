@@ -7,14 +7,14 @@ status code instead of raising (a raise inside a kernel is slow and loses the me
     BAD_OUTPUT_SHAPE
 
 Every kernel checks everything before it writes any state, so a rejected call leaves all state as it was.
-All of them move streams in tiles: ``advance`` gathers the tile's state rows into contiguous per-layer
-blocks of a work buffer, runs the layers (`edgernn.cells`), then scatters the rows back. One stream is a
-tile of one; many streams are tiles of TILE, spread over threads with ``prange``.
+All of them move streams in tiles: ``advance`` runs a tile through every layer (`edgernn.cells`). For
+one stream the tile is the caller's state row itself; for many, ``_advance_rows`` gathers TILE state
+rows into contiguous per-layer blocks of a work buffer and scatters them back after, and the tiles are
+spread over threads with ``prange``.
 """
 
 import math
 
-import numpy as np
 from numba import get_thread_id, njit, prange
 
 from .cells.activations import INLINE_OPTIONS, KERNEL_OPTIONS
@@ -27,7 +27,8 @@ from .plan import (
     H_NORMALIZE, H_OUTPUT, H_STATE, H_STD, HEADER, LSTM, ROW, RNN_RELU,
 )
 
-OK, BAD_INPUT_SHAPE, BAD_STATE_SHAPE, NOT_FINITE, BAD_SLOT, DUPLICATE_SLOT, BAD_SAMPLE_COUNT, BAD_OUTPUT_SHAPE = range(8)
+(OK, BAD_INPUT_SHAPE, BAD_STATE_SHAPE, NOT_FINITE, BAD_SLOT, DUPLICATE_SLOT, BAD_SAMPLE_COUNT,
+ BAD_OUTPUT_SHAPE) = range(8)
 TILE = 8
 """Streams per tile in the batched kernels: each weight row is reused TILE times while in L1."""
 
