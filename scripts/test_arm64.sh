@@ -78,9 +78,12 @@ grep -q '^flags:.*F' /proc/sys/fs/binfmt_misc/qemu-aarch64 || {
 }
 
 # --- the arm64 root: built once, cached outside the repo ---------------------------------------------
-# minbase: only Essential and Priority:required packages plus what --include names (~400 MB).
+# minbase: only Essential and Priority:required packages plus what --include names (~480 MB; the venv adds ~320 MB).
 # Built under a temporary name and renamed at the end, so an interrupted build is never reused.
-if [ ! -e "$ROOTFS/.edgernn-root-ready" ]; then
+# The marker records what the root was built with; a changed package list (say, mosquitto for the
+# daemon's tests) rebuilds it.
+ROOT_RECIPE="$SUITE $PACKAGES"
+if [ "$(cat "$ROOTFS/.edgernn-root-ready" 2>/dev/null)" != "$ROOT_RECIPE" ]; then
     log "building the arm64 $SUITE root in $ROOTFS (about 6 minutes)"
     rm -rf "$ROOTFS.partial"
     mkdir -p "$(dirname "$ROOTFS")"
@@ -88,7 +91,7 @@ if [ ! -e "$ROOTFS/.edgernn-root-ready" ]; then
         "$SUITE" "$ROOTFS.partial" "deb $MIRROR $SUITE main" "deb $MIRROR $SUITE-updates main"
     rm -rf "$ROOTFS"
     mv "$ROOTFS.partial" "$ROOTFS"
-    touch "$ROOTFS/.edgernn-root-ready"
+    echo "$ROOT_RECIPE" > "$ROOTFS/.edgernn-root-ready"
 fi
 
 # --- network inside the root -------------------------------------------------------------------------
