@@ -52,7 +52,7 @@ def _kernel(name: str):
 def _as_float32(value, what: str, ndim: int) -> np.ndarray:
     """``value`` as a C-contiguous float32 array of ``ndim`` dimensions, or a clear InputError."""
     array = np.asarray(value)
-    if array.dtype.kind not in "fiu" or array.dtype.kind == "b":
+    if array.dtype.kind not in "fiu":  # floats and integers; not bool, complex, strings or objects
         raise InputError(f"{what}: must hold real numbers, got dtype {array.dtype}")
     if array.ndim != ndim:
         raise InputError(f"{what}: must have {ndim} dimension(s), got shape {array.shape}")
