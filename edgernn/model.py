@@ -119,9 +119,7 @@ class Model:
             if isinstance(state, np.ndarray) and state.ndim == 2:
                 return self._step_all_rows(x, state, "x")
             _check_state(state, self.state_size, 1)
-            if not (isinstance(y, np.ndarray) and y.dtype == np.float32 and y.shape == (self.output_size,)
-                    and y.flags.c_contiguous and y.flags.writeable):
-                raise InputError(f"out: must be a writeable float32 array of shape ({self.output_size},)")
+            _check_out(y, (self.output_size,))
             x = _as_float32(x, "x", 1)
             status = self._step_one(x, state, self._packed, self._meta, self._work, y)
         if status != stack.OK:
@@ -168,14 +166,8 @@ class Model:
         _check_state(states, self.state_size, 2)
         slots = _as_slots(slots, None)
         X = _as_float32(X, name, 2)
-        if out is None:
-            Y = np.empty((X.shape[0], self.output_size), np.float32)
-        elif (isinstance(out, np.ndarray) and out.dtype == np.float32 and out.flags.c_contiguous
-              and out.flags.writeable and out.shape == (X.shape[0], self.output_size)):
-            Y = out
-        else:
-            raise InputError(f"out: must be a writeable C-contiguous float32 array of shape "
-                             f"({X.shape[0]}, {self.output_size})")
+        Y = np.empty((X.shape[0], self.output_size), np.float32) if out is None else out
+        _check_out(Y, (X.shape[0], self.output_size))
         kernel = _kernel("step_rows_parallel" if X.shape[0] >= PARALLEL_MIN_STREAMS else "step_rows")
         with self._batch_lock:
             if len(self._marks) < len(states):
@@ -210,7 +202,7 @@ class Model:
             raise InputError(f"slots: slot {values[counts > 1][0]} appears more than once; one sample per "
                              "stream per call")
         if status == stack.BAD_OUTPUT_SHAPE:
-            raise InputError(f"out: must be a writeable float32 array of shape ({self.output_size},)")
+            raise InputError(f"out: must be a writeable C-contiguous float32 array of shape {(self.output_size,)}")
         if status == stack.BAD_SAMPLE_COUNT:
             raise InputError(f"{name}: {len(x)} samples for {len(slots)} slots; give one sample per slot")
         x = np.asarray(x)
@@ -231,6 +223,13 @@ def _as_slots(slots, capacity: int | None) -> np.ndarray:
     if capacity is not None and array.size and (array.min() < 0 or array.max() >= capacity):
         raise InputError(f"slots: every slot must lie in [0, {capacity}), got {array.min()}..{array.max()}")
     return np.ascontiguousarray(array, dtype=np.int64)
+
+
+def _check_out(out, shape: tuple) -> None:
+    """A caller's output array must be what a kernel can write into: float32, C-contiguous, writeable."""
+    if not (isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == shape
+            and out.flags.c_contiguous and out.flags.writeable):
+        raise InputError(f"out: must be a writeable C-contiguous float32 array of shape {shape}")
 
 
 def _check_state(state, size: int, ndim: int) -> None:
