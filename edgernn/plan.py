@@ -25,7 +25,6 @@ ROW = 8
 
 # Recurrent layer kinds.
 RNN_TANH, RNN_RELU, GRU, GRU_RESET_FIRST, LSTM = range(5)
-GATES = {RNN_TANH: 1, RNN_RELU: 1, GRU: 3, GRU_RESET_FIRST: 3, LSTM: 4}
 
 
 ALIGNMENT = 64

@@ -115,16 +115,16 @@ def _move_rows(states, rows, first, tile, meta, S, gather):
     for layer in range(meta[H_LAYERS]):
         base = HEADER + ROW * layer
         H = meta[base + 2]
-        for vector in range(2 if meta[base] == LSTM else 1):
+        for _ in range(2 if meta[base] == LSTM else 1):  # h, and c for an LSTM
             for s in range(S):
-                vector = states[rows[first + s]][start:start + H]
-                block = tile[S * start + s * H:S * start + (s + 1) * H]
+                in_row = states[rows[first + s]][start:start + H]
+                in_tile = tile[S * start + s * H:S * start + (s + 1) * H]
                 if gather:
                     for j in range(H):
-                        block[j] = vector[j]
+                        in_tile[j] = in_row[j]
                 else:
                     for j in range(H):
-                        vector[j] = block[j]
+                        in_row[j] = in_tile[j]
             start += H
 
 
@@ -182,14 +182,11 @@ def run_sequence(xs, state, weights, meta, work, ys):
         return BAD_STATE_SHAPE
     if not _all_finite(xs):
         return NOT_FINITE
-    n_in, n_out = meta[H_INPUT], meta[H_OUTPUT]
-    out = work[work.shape[0] - n_out:]
+    n_in = meta[H_INPUT]
     one = state.shape[0] // meta[H_STATE]  # see step_one
     for t in range(xs.shape[0]):
         _normalise_into(work, 0, xs[t], meta, weights)
-        advance(work[:n_in], state, one, weights, meta, work, out)
-        for j in range(n_out):
-            ys[t, j] = out[j]
+        advance(work[:n_in], state, one, weights, meta, work, ys[t])
     return OK
 
 
