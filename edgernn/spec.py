@@ -4,15 +4,20 @@ A spec says *what* a model computes; its weights are a separate ``{name: ndarray
 shapes the spec fixes (`ModelSpec.tensor_shapes`). The spec is plain data, validated on construction,
 with a JSON round trip (`to_json` / `from_json`) that refuses unknown or missing fields by name.
 
-Tensor names and layouts (PyTorch's, which the converters permute into):
+Tensor names and layouts (PyTorch's, which the converters permute into). ``{p}`` is ``layers.{l}.`` for a
+layer's (only or forward) direction and ``layers.{l}.reverse.`` for the second direction of a
+bidirectional one; H is ``hidden_size``, Hp is ``proj_size`` when set, else H:
 
 ======================  =================  =================================================
 name                    shape              meaning
 ======================  =================  =================================================
-``layers.{l}.W``        (G*H, I)           input weights, gate blocks stacked in canonical order
-``layers.{l}.R``        (G*H, H)           recurrent weights, same gate order
-``layers.{l}.Wb``       (G*H,)             input bias (only when ``bias``)
-``layers.{l}.Rb``       (G*H,)             recurrent bias (only when ``bias``)
+``{p}W``                (G*H, I)           input weights, gate blocks stacked in canonical order
+``{p}R``                (G*H, Hp)          recurrent weights, same gate order
+``{p}Wb``               (G*H,)             input bias (only when ``bias``)
+``{p}Rb``               (G*H,)             recurrent bias (only when ``bias``)
+``{p}P``                (3H,) or (2H,)     lstm peepholes i, f, o (i, o when coupled)
+``{p}proj``             (Hp, H)            lstm projection, ``h = proj @ (o * tanh(c))``
+``{p}leak``             (H,)               leaky: leak rate per unit, in (0, 1]
 ``head.{j}.W``          (out, in)          dense weights (``y = act(W x + b)``)
 ``head.{j}.b``          (out,)             dense bias (only when ``bias``)
 ``input.mean``          (I,)               input normalisation ``(x - mean) / std``
@@ -20,9 +25,13 @@ name                    shape              meaning
 ======================  =================  =================================================
 
 Canonical gate order (G gates of H units each):
-  - ``rnn``  (G=1): the single pre-activation.
+  - ``rnn``, ``leaky`` (G=1): the single pre-activation.
+  - ``mgu``  (G=2): f (forget), n (new).
   - ``gru``  (G=3): r (reset), z (update), n (new)   -- PyTorch's order; ONNX's is z, r, h.
   - ``lstm`` (G=4): i (input), f (forget), g (cell), o (output) -- PyTorch's order; ONNX's is i, o, f, c.
+    With ``coupled_input_forget`` (G=3): i, g, o, and f = 1 - i.
+
+State layout per stream: layer after layer, each direction's h (Hp floats) then, for an LSTM, c (H).
 """
 
 from __future__ import annotations
@@ -35,13 +44,35 @@ import numpy as np
 
 from .errors import SpecError
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+"""Spec versions this edgernn reads; version 1 (single ``activation`` string per layer) is upgraded on read."""
 
-CELLS = {"rnn": 1, "gru": 3, "lstm": 4}
-"""Cell family -> number of gate blocks G."""
+CELLS = {"rnn": 1, "leaky": 1, "mgu": 2, "gru": 3, "lstm": 4}
+"""Cell family -> number of gate blocks G (an LSTM with a coupled input-forget gate has 3)."""
 
-RNN_ACTIVATIONS = ("tanh", "relu")
-DENSE_ACTIVATIONS = ("identity", "relu", "tanh", "sigmoid", "softmax")
+DIRECTIONS = ("forward", "reverse", "bidirectional")
+
+ACTIVATION_DEFAULTS = {
+    # name: (alpha, beta) -- ONNX's defaults for the recurrent operators' activation functions.
+    "identity": (0.0, 0.0), "sigmoid": (0.0, 0.0), "tanh": (0.0, 0.0), "relu": (0.0, 0.0),
+    "affine": (1.0, 0.0),            # alpha * x + beta
+    "leaky_relu": (0.01, 0.0),       # x if x >= 0 else alpha * x
+    "thresholded_relu": (1.0, 0.0),  # x if x > alpha else 0
+    "scaled_tanh": (1.0, 1.0),       # alpha * tanh(beta * x)
+    "hard_sigmoid": (0.2, 0.5),      # min(max(alpha * x + beta, 0), 1)
+    "elu": (1.0, 0.0),               # x if x >= 0 else alpha * (exp(x) - 1)
+    "softsign": (0.0, 0.0),          # x / (1 + |x|)
+    "softplus": (0.0, 0.0),          # log(1 + exp(x))
+    "softmax": (0.0, 0.0),           # dense layers only: over the layer's outputs
+}
+ELEMENTWISE = tuple(name for name in ACTIVATION_DEFAULTS if name != "softmax")
+
+CELL_ACTIVATIONS = {
+    # cell: its activation slots and their defaults, in the order ONNX lists them (f, g, h).
+    "rnn": ("tanh",), "leaky": ("tanh",), "gru": ("sigmoid", "tanh"), "mgu": ("sigmoid", "tanh"),
+    "lstm": ("sigmoid", "tanh", "tanh"),
+}
 
 
 def _plain_ints(obj, *names: str) -> None:
@@ -67,40 +98,165 @@ def _check_choice(where: str, value, choices) -> None:
         raise SpecError(f"{where}: must be one of {', '.join(choices)}, got {value!r}")
 
 
+def _check_finite_number(where: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
+        raise SpecError(f"{where}: must be a finite number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An activation function with ONNX's optional parameters (see `ACTIVATION_DEFAULTS` for each)."""
+
+    name: str
+    alpha: float | None = None
+    beta: float | None = None
+
+    def __post_init__(self):
+        defaults = ACTIVATION_DEFAULTS.get(self.name, (0.0, 0.0))
+        for attr, default in zip(("alpha", "beta"), defaults):
+            value = getattr(self, attr)
+            if value is None:
+                object.__setattr__(self, attr, default)
+            elif isinstance(value, int | float | np.floating) and not isinstance(value, bool):
+                object.__setattr__(self, attr, float(value))  # anything else is refused by validate
+
+    def validate(self, where: str, choices=ELEMENTWISE) -> None:
+        _check_choice(where, self.name, choices)
+        _check_finite_number(f"{where}.alpha", self.alpha)
+        _check_finite_number(f"{where}.beta", self.beta)
+
+    def to_json_value(self):
+        """A bare name when the parameters are the defaults, else ``{"name", "alpha", "beta"}``."""
+        if (self.alpha, self.beta) == ACTIVATION_DEFAULTS.get(self.name, (0.0, 0.0)):
+            return self.name
+        return {"name": self.name, "alpha": self.alpha, "beta": self.beta}
+
+    def __str__(self):
+        text = self.to_json_value()
+        return text if isinstance(text, str) else f"{self.name}({self.alpha:g}, {self.beta:g})"
+
+
+def as_activation(value, where: str) -> Activation:
+    """An `Activation` from a name, a ``{"name", "alpha", "beta"}`` mapping or an Activation."""
+    if isinstance(value, Activation):
+        return value
+    if isinstance(value, str):
+        return Activation(value)
+    if isinstance(value, dict):
+        return Activation(**_fields_of(Activation, value, where))
+    raise SpecError(f"{where}: must be an activation name or object, got {value!r}")
+
+
 @dataclass(frozen=True)
 class RecurrentLayer:
-    """One unidirectional recurrent layer of ``hidden_size`` units."""
+    """One recurrent layer of ``hidden_size`` units, run forward, reversed or in both directions.
+
+    Variants (see the cell modules for the equations): ``peepholes``, ``coupled_input_forget`` and
+    ``proj_size`` for an LSTM; ``linear_before_reset`` for a GRU; ``clip`` bounds every activation's input
+    to [-clip, clip] (ONNX's ``clip``). ``activations`` overrides the cell's default functions
+    (`CELL_ACTIVATIONS`): one per slot, or one per slot per direction for a bidirectional layer
+    (forward's first, as ONNX lists them).
+    """
 
     cell: str
     input_size: int
     hidden_size: int
     bias: bool = True
-    activation: str = "tanh"
-    """rnn only: the cell nonlinearity, ``tanh`` or ``relu``."""
+    direction: str = "forward"
+    activations: tuple = ()
+    clip: float | None = None
     linear_before_reset: bool = True
     """gru only: True computes ``r * (R_n h + Rb_n)`` (PyTorch), False ``R_n (r * h) + Rb_n`` (ONNX default)."""
+    peepholes: bool = False
+    coupled_input_forget: bool = False
+    proj_size: int = 0
 
     def __post_init__(self):
-        _plain_ints(self, "input_size", "hidden_size")
+        _plain_ints(self, "input_size", "hidden_size", "proj_size")
+        object.__setattr__(self, "activations", tuple(
+            as_activation(a, f"activations[{i}]") for i, a in enumerate(_list_of(self.activations, "activations"))))
+        if isinstance(self.clip, int | np.floating) and not isinstance(self.clip, bool):
+            object.__setattr__(self, "clip", float(self.clip))
 
     @property
     def gates(self) -> int:
-        return CELLS[self.cell]
+        """Gate blocks per direction: i, f, g, o for an LSTM (i, g, o when the input-forget gate is coupled)."""
+        return CELLS[self.cell] - (1 if self.coupled_input_forget else 0)
+
+    @property
+    def directions(self) -> int:
+        return 2 if self.direction == "bidirectional" else 1
+
+    @property
+    def unit_output_size(self) -> int:
+        """Width of one direction's h: ``proj_size`` when the LSTM projects, else ``hidden_size``."""
+        return self.proj_size or self.hidden_size
+
+    @property
+    def output_size(self) -> int:
+        """Width of what the layer hands on: one direction's h, or both concatenated (forward first)."""
+        return self.unit_output_size * self.directions
 
     @property
     def state_size(self) -> int:
-        """Floats of state per stream: h, plus c for an LSTM."""
-        return self.hidden_size * (2 if self.cell == "lstm" else 1)
+        """Floats of state per stream: per direction h, plus c (``hidden_size``) for an LSTM."""
+        return self.directions * (self.unit_output_size + (self.hidden_size if self.cell == "lstm" else 0))
+
+    def activations_for(self, direction: int) -> tuple[Activation, ...]:
+        """The activation of every slot of the cell for direction 0 (forward) or 1 (reverse)."""
+        slots = len(CELL_ACTIVATIONS[self.cell])
+        if not self.activations:
+            return tuple(Activation(name) for name in CELL_ACTIVATIONS[self.cell])
+        if len(self.activations) == slots:
+            return self.activations
+        return self.activations[direction * slots:(direction + 1) * slots]
+
+    def prefixes(self, index: int) -> tuple[str, ...]:
+        """Tensor name prefix of each direction: ``layers.{index}.`` then ``layers.{index}.reverse.``."""
+        return (f"layers.{index}.", f"layers.{index}.reverse.")[:self.directions]
+
+    def tensor_shapes(self, index: int) -> dict[str, tuple[int, ...]]:
+        rows, H = self.gates * self.hidden_size, self.hidden_size
+        shapes = {}
+        for prefix in self.prefixes(index):
+            shapes[prefix + "W"] = (rows, self.input_size)
+            shapes[prefix + "R"] = (rows, self.unit_output_size)
+            if self.bias:
+                shapes[prefix + "Wb"] = (rows,)
+                shapes[prefix + "Rb"] = (rows,)
+            if self.peepholes:
+                shapes[prefix + "P"] = ((2 if self.coupled_input_forget else 3) * H,)
+            if self.proj_size:
+                shapes[prefix + "proj"] = (self.proj_size, H)
+            if self.cell == "leaky":
+                shapes[prefix + "leak"] = (H,)
+        return shapes
 
     def validate(self, where: str) -> None:
         _check_choice(f"{where}.cell", self.cell, tuple(CELLS))
         _check_positive_int(f"{where}.input_size", self.input_size)
         _check_positive_int(f"{where}.hidden_size", self.hidden_size)
         _check_bool(f"{where}.bias", self.bias)
-        _check_choice(f"{where}.activation", self.activation, RNN_ACTIVATIONS)
-        if self.cell != "rnn" and self.activation != "tanh":
-            raise SpecError(f"{where}.activation: only an rnn cell takes an activation, got {self.activation!r}")
-        _check_bool(f"{where}.linear_before_reset", self.linear_before_reset)
+        _check_choice(f"{where}.direction", self.direction, DIRECTIONS)
+        slots = len(CELL_ACTIVATIONS[self.cell])
+        if self.activations and len(self.activations) not in {slots, slots * self.directions}:
+            raise SpecError(f"{where}.activations: a {self.direction} {self.cell} layer takes {slots} "
+                            f"activation(s) (or one set per direction), got {len(self.activations)}")
+        for i, activation in enumerate(self.activations):
+            activation.validate(f"{where}.activations[{i}]")
+        if self.clip is not None:
+            _check_finite_number(f"{where}.clip", self.clip)
+            if self.clip <= 0:
+                raise SpecError(f"{where}.clip: must be > 0, got {self.clip!r}")
+        for flag in ("linear_before_reset", "peepholes", "coupled_input_forget"):
+            _check_bool(f"{where}.{flag}", getattr(self, flag))
+        if self.cell != "gru" and not self.linear_before_reset:
+            raise SpecError(f"{where}.linear_before_reset: only a gru layer takes it")
+        if isinstance(self.proj_size, bool) or not isinstance(self.proj_size, int) or self.proj_size < 0:
+            raise SpecError(f"{where}.proj_size: must be a non-negative integer, got {self.proj_size!r}")
+        for flag in ("peepholes", "coupled_input_forget", "proj_size"):
+            if getattr(self, flag) and self.cell != "lstm":
+                raise SpecError(f"{where}.{flag}: only an lstm layer takes it")
 
 
 @dataclass(frozen=True)
@@ -110,16 +266,17 @@ class DenseLayer:
     in_features: int
     out_features: int
     bias: bool = True
-    activation: str = "identity"
+    activation: Activation | str = "identity"
 
     def __post_init__(self):
         _plain_ints(self, "in_features", "out_features")
+        object.__setattr__(self, "activation", as_activation(self.activation, "activation"))
 
     def validate(self, where: str) -> None:
         _check_positive_int(f"{where}.in_features", self.in_features)
         _check_positive_int(f"{where}.out_features", self.out_features)
         _check_bool(f"{where}.bias", self.bias)
-        _check_choice(f"{where}.activation", self.activation, DENSE_ACTIVATIONS)
+        self.activation.validate(f"{where}.activation", tuple(ACTIVATION_DEFAULTS))
 
 
 @dataclass(frozen=True)
@@ -143,7 +300,7 @@ class ModelSpec:
     # ---- derived sizes -------------------------------------------------------------------------
     @property
     def output_size(self) -> int:
-        return self.head[-1].out_features if self.head else self.layers[-1].hidden_size
+        return self.head[-1].out_features if self.head else self.layers[-1].output_size
 
     @property
     def state_size(self) -> int:
@@ -157,12 +314,7 @@ class ModelSpec:
             shapes["input.mean"] = (self.input_size,)
             shapes["input.std"] = (self.input_size,)
         for index, layer in enumerate(self.layers):
-            rows = layer.gates * layer.hidden_size
-            shapes[f"layers.{index}.W"] = (rows, layer.input_size)
-            shapes[f"layers.{index}.R"] = (rows, layer.hidden_size)
-            if layer.bias:
-                shapes[f"layers.{index}.Wb"] = (rows,)
-                shapes[f"layers.{index}.Rb"] = (rows,)
+            shapes.update(layer.tensor_shapes(index))
         for index, dense in enumerate(self.head):
             shapes[f"head.{index}.W"] = (dense.out_features, dense.in_features)
             if dense.bias:
@@ -178,16 +330,25 @@ class ModelSpec:
             count += size
         return count
 
+    @property
+    def streamable(self) -> bool:
+        """True when every layer runs forward in time, so the model can advance one sample at a time.
+        Reverse and bidirectional layers need the whole sequence (or a window of it): `Model.run` only."""
+        return all(layer.direction == "forward" for layer in self.layers)
+
     def flops_per_step(self) -> int:
-        """Floating-point operations of one step: 2·G·H·(I+H) per recurrent layer, 2·K·N per dense layer."""
-        recurrent = sum(2 * layer.gates * layer.hidden_size * (layer.input_size + layer.hidden_size)
-                        for layer in self.layers)
+        """Floating-point operations of one step: 2·G·H·(I+H) per recurrent layer and direction (plus
+        2·P·H for a projection), 2·K·N per dense layer."""
+        recurrent = sum(
+            layer.directions * (2 * layer.gates * layer.hidden_size * (layer.input_size + layer.unit_output_size)
+                                + 2 * layer.proj_size * layer.hidden_size)
+            for layer in self.layers)
         return recurrent + sum(2 * dense.in_features * dense.out_features for dense in self.head)
 
     # ---- validation ----------------------------------------------------------------------------
     def validate(self) -> None:
         if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version != SPEC_VERSION:
-            raise SpecError(f"version: this edgernn reads spec version {SPEC_VERSION}, got {self.version!r}")
+            raise SpecError(f"version: this edgernn reads spec versions {READABLE_VERSIONS}, got {self.version!r}")
         _check_positive_int("input_size", self.input_size)
         _check_bool("normalize", self.normalize)
         if not isinstance(self.name, str):
@@ -202,7 +363,7 @@ class ModelSpec:
             layer.validate(where)
             if layer.input_size != width:
                 raise SpecError(f"{where}.input_size: must equal {source} ({width}), got {layer.input_size}")
-            width, source = layer.hidden_size, f"{where}.hidden_size"
+            width, source = layer.output_size, f"{where} output"
         for index, dense in enumerate(self.head):
             where = f"head[{index}]"
             if not isinstance(dense, DenseLayer):
@@ -214,13 +375,19 @@ class ModelSpec:
 
     # ---- JSON round trip -----------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        for layer, item in zip(self.layers, data["layers"]):
+            item["activations"] = [a.to_json_value() for a in layer.activations]
+        for dense, item in zip(self.head, data["head"]):
+            item["activation"] = dense.activation.to_json_value()
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelSpec":
+        data = _upgrade(data)
         data = _fields_of(cls, data, "spec")
         data["layers"] = tuple(
             RecurrentLayer(**_fields_of(RecurrentLayer, item, f"layers[{i}]"))
@@ -260,7 +427,26 @@ def check_weights(spec: ModelSpec, weights: dict) -> dict[str, np.ndarray]:
         checked[name] = array
     if spec.normalize and not (checked["input.std"] > 0).all():
         raise SpecError("weights['input.std']: every std must be > 0")
+    for name, array in checked.items():
+        if name.endswith(".leak") and not ((array > 0) & (array <= 1)).all():
+            raise SpecError(f"weights[{name!r}]: every leak rate must lie in (0, 1]")
     return checked
+
+
+def _upgrade(data):
+    """A version 1 spec dict as version 2: an rnn layer's ``activation`` string became ``activations``."""
+    if not isinstance(data, dict) or data.get("version") != 1:
+        return data
+    data = dict(data, version=SPEC_VERSION)
+    layers = []
+    for item in _list_of(data.get("layers"), "layers"):
+        if isinstance(item, dict) and "activation" in item:
+            item = dict(item)
+            activation = item.pop("activation")
+            item["activations"] = [] if activation == "tanh" else [activation]
+        layers.append(item)
+    data["layers"] = layers
+    return data
 
 
 def _list_of(value, where: str) -> list:

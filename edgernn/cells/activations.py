@@ -60,3 +60,23 @@ def sigmoid_reference(x):
 
 def relu_reference(x):
     return np.maximum(x, 0.0)
+
+
+def activation_reference(name: str, alpha: float = 0.0, beta: float = 0.0):
+    """The NumPy function of an activation (`edgernn.spec.ACTIVATION_DEFAULTS` lists them), float64-exact."""
+    functions = {
+        "identity": lambda x: x,
+        "sigmoid": sigmoid_reference,
+        "tanh": np.tanh,
+        "relu": relu_reference,
+        "affine": lambda x: alpha * x + beta,
+        "leaky_relu": lambda x: np.where(x >= 0, x, alpha * x),
+        "thresholded_relu": lambda x: np.where(x > alpha, x, 0.0),
+        "scaled_tanh": lambda x: alpha * np.tanh(beta * x),
+        "hard_sigmoid": lambda x: np.clip(alpha * x + beta, 0.0, 1.0),
+        "elu": lambda x: np.where(x >= 0, x, alpha * np.expm1(np.minimum(x, 0.0))),
+        "softsign": lambda x: x / (1.0 + np.abs(x)),
+        "softplus": lambda x: np.logaddexp(0.0, x),
+        "softmax": lambda x: np.exp(x - x.max()) / np.exp(x - x.max()).sum(),
+    }
+    return functions[name]

@@ -8,7 +8,7 @@ inputs; and a tile of S streams shares each weight row while it sits in L1 (PERF
 import numpy as np
 from numba import njit
 
-from .activations import KERNEL_OPTIONS, relu, sigmoid, tanh
+from .activations import KERNEL_OPTIONS, activation_reference, relu, sigmoid, tanh
 
 IDENTITY, RELU, TANH, SIGMOID, SOFTMAX = 0, 1, 2, 3, 4
 ACTIVATION_CODES = {"identity": IDENTITY, "relu": RELU, "tanh": TANH, "sigmoid": SIGMOID, "softmax": SOFTMAX}
@@ -107,16 +107,6 @@ def dense_layer(inp, WT, b, activation, out, S, K, N):
                 o[j] /= total
 
 
-def dense_reference(x, W, b, activation):
+def dense_reference(x, W, b, activation, alpha=0.0, beta=0.0):
     """y = activation(W x + b) for one sample, in NumPy (the oracle)."""
-    y = W @ x + (0.0 if b is None else b)
-    if activation == "relu":
-        return np.maximum(y, 0.0)
-    if activation == "tanh":
-        return np.tanh(y)
-    if activation == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-y))
-    if activation == "softmax":
-        e = np.exp(y - y.max())
-        return e / e.sum()
-    return y
+    return activation_reference(activation, alpha, beta)(W @ x + (0.0 if b is None else b))

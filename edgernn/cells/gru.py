@@ -10,25 +10,27 @@
 import numpy as np
 from numba import njit
 
-from .activations import KERNEL_OPTIONS, sigmoid, tanh
+from .activations import KERNEL_OPTIONS, sigmoid, sigmoid_reference, tanh
 from .dense import matmul_acc
 
 
-def gru_reference(x, h, W, R, Wb, Rb, linear_before_reset=True):
-    """One step: x (I,), h (H,), W (3H, I), R (3H, H), Wb/Rb (3H,) or None -> h' (H,)."""
+def gru_reference(x, h, W, R, Wb, Rb, linear_before_reset=True, f=sigmoid_reference, g=np.tanh, clip=None):
+    """One step: x (I,), h (H,), W (3H, I), R (3H, H), Wb/Rb (3H,) or None -> h' (H,).
+    ``f`` (the gates) and ``g`` (the candidate) are NumPy functions; ``clip`` bounds their inputs."""
     H = h.shape[0]
     if Wb is None:
         Wb = Rb = np.zeros(3 * H)
+    bound = (lambda v: v) if clip is None else (lambda v: np.clip(v, -clip, clip))
     W_r, W_z, W_n = np.split(W, 3)
     R_r, R_z, R_n = np.split(R, 3)
     Wb_r, Wb_z, Wb_n = np.split(Wb, 3)
     Rb_r, Rb_z, Rb_n = np.split(Rb, 3)
-    r = 1.0 / (1.0 + np.exp(-(W_r @ x + Wb_r + R_r @ h + Rb_r)))
-    z = 1.0 / (1.0 + np.exp(-(W_z @ x + Wb_z + R_z @ h + Rb_z)))
+    r = f(bound(W_r @ x + Wb_r + R_r @ h + Rb_r))
+    z = f(bound(W_z @ x + Wb_z + R_z @ h + Rb_z))
     if linear_before_reset:
-        n = np.tanh(W_n @ x + Wb_n + r * (R_n @ h + Rb_n))
+        n = g(bound(W_n @ x + Wb_n + r * (R_n @ h + Rb_n)))
     else:
-        n = np.tanh(W_n @ x + Wb_n + R_n @ (r * h) + Rb_n)
+        n = g(bound(W_n @ x + Wb_n + R_n @ (r * h) + Rb_n))
     return (1.0 - z) * n + z * h
 
 

@@ -11,20 +11,35 @@
 import numpy as np
 from numba import njit
 
-from .activations import KERNEL_OPTIONS, sigmoid, tanh
+from .activations import KERNEL_OPTIONS, sigmoid, sigmoid_reference, tanh
 from .dense import gate_preactivations
 
 
-def lstm_reference(x, h, c, W, R, Wb, Rb):
-    """One step: x (I,), h, c (H,), W (4H, I), R (4H, H), Wb/Rb (4H,) or None -> (h', c')."""
+def lstm_reference(x, h, c, W, R, Wb, Rb, P=None, proj=None, coupled=False,
+                   f=sigmoid_reference, g=np.tanh, h_act=np.tanh, clip=None):
+    """One step: x (I,), h (Hp,), c (H,), W (G*H, I), R (G*H, Hp), Wb/Rb (G*H,) or None -> (h', c').
+
+    Variants: ``P`` peepholes (3H,) i, f, o -- (2H,) i, o when ``coupled`` (f = 1 - i, gate blocks
+    i, g, o); ``proj`` (Hp, H) projects h. ``f``, ``g``, ``h_act`` are NumPy functions; ``clip`` bounds
+    the gates' pre-activations (not c).
+    """
+    H = c.shape[0]
     gates = W @ x + R @ h
     if Wb is not None:
         gates = gates + Wb + Rb
-    i, f, g, o = np.split(gates, 4)
-    i, f, o = (1.0 / (1.0 + np.exp(-v)) for v in (i, f, o))
-    g = np.tanh(g)
-    c = f * c + i * g
-    return o * np.tanh(c), c
+    bound = (lambda v: v) if clip is None else (lambda v: np.clip(v, -clip, clip))
+    if coupled:
+        i, g_, o = np.split(gates, 3)
+        p_i, p_f, p_o = (np.zeros(H), None, np.zeros(H)) if P is None else (P[:H], None, P[H:])
+    else:
+        i, f_, g_, o = np.split(gates, 4)
+        p_i, p_f, p_o = (np.zeros(H),) * 3 if P is None else np.split(P, 3)
+    i = f(bound(i + p_i * c))
+    forget = 1.0 - i if coupled else f(bound(f_ + p_f * c))
+    c = forget * c + i * g(bound(g_))
+    o = f(bound(o + p_o * c))
+    h = o * h_act(c)
+    return (h if proj is None else proj @ h), c
 
 
 @njit(**KERNEL_OPTIONS)

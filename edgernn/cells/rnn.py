@@ -11,12 +11,13 @@ from .activations import KERNEL_OPTIONS, relu, tanh
 from .dense import gate_preactivations
 
 
-def rnn_reference(x, h, W, R, Wb, Rb, activation="tanh"):
-    """One step: x (I,), h (H,), W (H, I), R (H, H), Wb/Rb (H,) or None -> h' (H,)."""
+def rnn_reference(x, h, W, R, Wb, Rb, f=np.tanh, clip=None):
+    """One step: x (I,), h (H,), W (H, I), R (H, H), Wb/Rb (H,) or None -> h' (H,). ``f`` is a NumPy
+    function; ``clip`` bounds its input to [-clip, clip]."""
     a = W @ x + R @ h
     if Wb is not None:
         a = a + Wb + Rb
-    return np.tanh(a) if activation == "tanh" else np.maximum(a, 0.0)
+    return f(a if clip is None else np.clip(a, -clip, clip))
 
 
 @njit(**KERNEL_OPTIONS)
