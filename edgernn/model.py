@@ -19,7 +19,7 @@ import threading
 import numpy as np
 
 from . import stack
-from .errors import InputError, SpecError
+from .errors import InputError, SpecError, StreamingError
 from .plan import ALIGNMENT, aligned_zeros, pack
 from .spec import ModelSpec, check_weights
 
@@ -31,6 +31,7 @@ _BATCH = f"int64({_F32_2D}, {_I64_1D}, {_F32_2D}, {_F32_1D}, {_I64_1D}, {_F32_2D
 _SIGNATURES = {
     "step_one": f"int64({_F32_1D}, {_F32_1D}, {_F32_1D}, {_I64_1D}, {_F32_1D}, {_F32_1D})",
     "run_sequence": f"int64({_F32_2D}, {_F32_1D}, {_F32_1D}, {_I64_1D}, {_F32_1D}, {_F32_2D})",
+    "run_layers": f"int64({_F32_2D}, {_F32_1D}, {_F32_1D}, {_I64_1D}, {_F32_1D}, {_F32_2D})",
     "step_rows": _BATCH,
     "step_rows_parallel": _BATCH,
 }
@@ -81,10 +82,12 @@ class Model:
         self._tile_work = None
         self._marks = np.zeros(0, np.uint8)
         self._batch_lock = threading.Lock()
-        self._step_one = _kernel("step_one")
+        self.streamable = spec.streamable
+        self._step_one = _kernel("step_one") if self.streamable else self._refuse_streaming
 
     def __repr__(self):
-        layers = " -> ".join(f"{layer.cell}({layer.hidden_size})" for layer in self.spec.layers)
+        layers = " -> ".join(f"{layer.cell}({layer.hidden_size}{', ' + layer.direction if layer.direction != 'forward' else ''})"
+                             for layer in self.spec.layers)
         head = "".join(f" -> dense({d.out_features}, {d.activation})" for d in self.spec.head)
         return f"<edgernn.Model {self.input_size} -> {layers}{head}>"
 
@@ -104,6 +107,14 @@ class Model:
         _check_state(states, self.state_size, 2)
         slots = _as_slots(slots, len(states))
         states[slots] = self._rest_state
+
+    def _refuse_streaming(self, *_):
+        """Stands in for the step kernel of a model that cannot advance one sample at a time."""
+        index, layer = next((i, l) for i, l in enumerate(self.spec.layers) if l.direction != "forward")
+        raise StreamingError(
+            f"layer {index} is {layer.direction}: it needs the whole sequence (a reverse pass reads the last "
+            "sample first), so this model cannot step one sample at a time; use model.run(xs, state) over a "
+            "sequence or a sliding window of one")
 
     # ---- one stream ----------------------------------------------------------------------------
     def step(self, x, state: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -129,7 +140,9 @@ class Model:
     def run(self, xs, state: np.ndarray) -> np.ndarray:
         """Advance one stream through a sequence: xs (T, input_size) -> ys (T, output_size).
 
-        Equal to T calls of `step`. With a (B, state_size) state, xs is (T, B, input_size).
+        Equal to T calls of `step`. With a (B, state_size) state, xs is (T, B, input_size). A model with
+        reverse or bidirectional layers runs layer after layer over the whole sequence, and leaves each
+        direction's final state in ``state`` (a reverse direction's is the one after reading xs[0]).
         """
         if isinstance(state, np.ndarray) and state.ndim == 2:
             _check_state(state, self.state_size, 2)
@@ -140,13 +153,18 @@ class Model:
             if not np.isfinite(xs).all():  # refuse before the first step, as for one stream
                 self._raise(stack.NOT_FINITE, "xs", xs, state)
             ys = np.empty((len(xs), len(state), self.output_size), np.float32)
+            if not self.streamable:  # whole sequences, one stream after another
+                for b in range(len(state)):
+                    ys[:, b] = self.run(xs[:, b], state[b])
+                return ys
             for t, x in enumerate(xs):
                 ys[t] = self._step_all_rows(x, state, "xs")
             return ys
         _check_state(state, self.state_size, 1)
         xs = _as_float32(xs, "xs", 2)
         ys = np.empty((xs.shape[0], self.output_size), np.float32)
-        status = _kernel("run_sequence")(xs, state, self._packed, self._meta, self._work, ys)
+        kernel = _kernel("run_sequence" if self.streamable else "run_layers")
+        status = kernel(xs, state, self._packed, self._meta, self._work, ys)
         if status != stack.OK:
             self._raise(status, "xs", xs, state)
         return ys
@@ -163,6 +181,8 @@ class Model:
         return self._step_rows(states, slots, X, "X", out)
 
     def _step_rows(self, states, slots, X, name: str, out=None) -> np.ndarray:
+        if not self.streamable:
+            self._refuse_streaming()
         _check_state(states, self.state_size, 2)
         slots = _as_slots(slots, None)
         X = _as_float32(X, name, 2)

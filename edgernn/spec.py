@@ -136,15 +136,22 @@ class Activation:
         return text if isinstance(text, str) else f"{self.name}({self.alpha:g}, {self.beta:g})"
 
 
-def as_activation(value, where: str) -> Activation:
-    """An `Activation` from a name, a ``{"name", "alpha", "beta"}`` mapping or an Activation."""
-    if isinstance(value, Activation):
-        return value
+def as_activation(value):
+    """An `Activation` from a name, a ``{"name", "alpha", "beta"}`` mapping or an Activation; anything
+    else is returned as it is, for `check_activation` to refuse with the field's full path."""
     if isinstance(value, str):
         return Activation(value)
+    if isinstance(value, dict) and set(value) <= {"name", "alpha", "beta"} and "name" in value:
+        return Activation(**value)
+    return value
+
+
+def check_activation(where: str, value, choices=ELEMENTWISE) -> None:
     if isinstance(value, dict):
-        return Activation(**_fields_of(Activation, value, where))
-    raise SpecError(f"{where}: must be an activation name or object, got {value!r}")
+        _fields_of(Activation, value, where)  # names the unknown or missing field
+    if not isinstance(value, Activation):
+        raise SpecError(f"{where}: must be one of {', '.join(choices)} (or {{name, alpha, beta}}), got {value!r}")
+    value.validate(where, choices)
 
 
 @dataclass(frozen=True)
@@ -173,8 +180,8 @@ class RecurrentLayer:
 
     def __post_init__(self):
         _plain_ints(self, "input_size", "hidden_size", "proj_size")
-        object.__setattr__(self, "activations", tuple(
-            as_activation(a, f"activations[{i}]") for i, a in enumerate(_list_of(self.activations, "activations"))))
+        if isinstance(self.activations, list | tuple):
+            object.__setattr__(self, "activations", tuple(as_activation(a) for a in self.activations))
         if isinstance(self.clip, int | np.floating) and not isinstance(self.clip, bool):
             object.__setattr__(self, "clip", float(self.clip))
 
@@ -238,12 +245,14 @@ class RecurrentLayer:
         _check_positive_int(f"{where}.hidden_size", self.hidden_size)
         _check_bool(f"{where}.bias", self.bias)
         _check_choice(f"{where}.direction", self.direction, DIRECTIONS)
+        if not isinstance(self.activations, tuple):
+            raise SpecError(f"{where}.activations: must be a list, got {type(self.activations).__name__}")
         slots = len(CELL_ACTIVATIONS[self.cell])
         if self.activations and len(self.activations) not in {slots, slots * self.directions}:
             raise SpecError(f"{where}.activations: a {self.direction} {self.cell} layer takes {slots} "
                             f"activation(s) (or one set per direction), got {len(self.activations)}")
         for i, activation in enumerate(self.activations):
-            activation.validate(f"{where}.activations[{i}]")
+            check_activation(f"{where}.activations[{i}]", activation)
         if self.clip is not None:
             _check_finite_number(f"{where}.clip", self.clip)
             if self.clip <= 0:
@@ -270,13 +279,13 @@ class DenseLayer:
 
     def __post_init__(self):
         _plain_ints(self, "in_features", "out_features")
-        object.__setattr__(self, "activation", as_activation(self.activation, "activation"))
+        object.__setattr__(self, "activation", as_activation(self.activation))
 
     def validate(self, where: str) -> None:
         _check_positive_int(f"{where}.in_features", self.in_features)
         _check_positive_int(f"{where}.out_features", self.out_features)
         _check_bool(f"{where}.bias", self.bias)
-        self.activation.validate(f"{where}.activation", tuple(ACTIVATION_DEFAULTS))
+        check_activation(f"{where}.activation", self.activation, tuple(ACTIVATION_DEFAULTS))
 
 
 @dataclass(frozen=True)
@@ -348,7 +357,8 @@ class ModelSpec:
     # ---- validation ----------------------------------------------------------------------------
     def validate(self) -> None:
         if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version != SPEC_VERSION:
-            raise SpecError(f"version: this edgernn reads spec versions {READABLE_VERSIONS}, got {self.version!r}")
+            raise SpecError(f"version: this edgernn reads spec version {SPEC_VERSION} (and upgrades version 1 "
+                            f"files), got {self.version!r}")
         _check_positive_int("input_size", self.input_size)
         _check_bool("normalize", self.normalize)
         if not isinstance(self.name, str):

@@ -18,18 +18,26 @@ import math
 from numba import get_thread_id, njit, prange
 
 from .cells.activations import INLINE_OPTIONS, KERNEL_OPTIONS
+import numpy as np
+
 from .cells.dense import dense_layer
 from .cells.gru import gru_layer
+from .cells.leaky import leaky_layer
 from .cells.lstm import lstm_layer
+from .cells.mgu import mgu_layer
 from .cells.rnn import rnn_layer
 from .plan import (
-    GRU, GRU_RESET_FIRST, H_DENSE, H_INPUT, H_LAYERS, H_MAX_DENSE, H_MAX_GATES, H_MAX_HIDDEN, H_MEAN,
-    H_NORMALIZE, H_OUTPUT, H_STATE, H_STD, HEADER, LSTM, ROW, RNN_RELU,
+    F_COUPLED, F_REVERSE, F_SECOND, GRU, GRU_RESET_FIRST, H_DENSE, H_INPUT, H_MAX_DENSE, H_MAX_GATES,
+    H_MAX_HIDDEN, H_MAX_WIDTH, H_MEAN, H_NORMALIZE, H_OUTPUT, H_STATE, H_STD, H_UNITS, HEADER, LEAKY, LSTM,
+    MGU, ROW, U_ACT_F, U_ACT_H, U_BR, U_BW, U_EXTRA, U_FLAGS, U_HIDDEN, U_INPUT, U_KIND, U_OUT, U_PARAMS,
+    U_PROJ, U_RT, U_STATE, U_WT,
 )
 
 (OK, BAD_INPUT_SHAPE, BAD_STATE_SHAPE, NOT_FINITE, BAD_SLOT, DUPLICATE_SLOT, BAD_SAMPLE_COUNT,
  BAD_OUTPUT_SHAPE) = range(8)
 TILE = 8
+GATE_BLOCKS = np.array([1, 1, 2, 3, 3, 4])
+"""Gate blocks G of each unit kind (RNN, LEAKY, MGU, GRU, GRU_RESET_FIRST, LSTM)."""
 """Streams per tile in the batched kernels: each weight row is reused TILE times while in L1."""
 
 
@@ -41,54 +49,82 @@ def work_size(meta, streams):
     return streams * per_stream
 
 
-@njit(**KERNEL_OPTIONS)
-def advance(xin, tile, S, weights, meta, work, out):
-    """Advance a tile of S streams one step through every layer. All arrays are flat and row-major.
+@njit(**INLINE_OPTIONS)
+def _optional(weights, at, size):
+    """The ``size`` floats at ``at``, or an empty array when the tensor is absent (offset -1)."""
+    return weights[at:at + size] if at >= 0 else weights[:0]
 
-    xin (S, I) normalised inputs; tile (S * state_size) the streams' states, each state vector (h, and
-    c for an LSTM) stored as an (S, H) block at ``S * row_offset`` -- for S = 1 exactly a state row;
-    out (S, O) receives the outputs; work >= work_size(meta, S) floats, of which this uses the part
-    after the xin and tile regions.
+
+@njit(**KERNEL_OPTIONS)
+def unit_step(unit, inp, tile, S, weights, meta, work):
+    """Advance a tile of S streams one step through one unit (one direction of one layer), in place.
+
+    inp (S, I); tile holds the streams' states, each state vector (h, and c for an LSTM) stored as an
+    (S, width) block at ``S * row_offset`` -- for S = 1 exactly a state row. Returns the unit's new h,
+    an (S, Hp) view into the tile.
     """
     gates_at = S * (meta[H_INPUT] + meta[H_STATE])
-    dense_at = gates_at + S * (2 * meta[H_MAX_GATES] + meta[H_MAX_HIDDEN])
-    max_dense = meta[H_MAX_DENSE]
-    inp = xin
-    width = meta[H_INPUT]
-    for layer in range(meta[H_LAYERS]):
-        base = HEADER + ROW * layer
-        kind, I, H, offset = meta[base], meta[base + 1], meta[base + 2], meta[base + 3]
-        G = 4 if kind == LSTM else (3 if kind == GRU or kind == GRU_RESET_FIRST else 1)
-        WT = weights[meta[base + 4]:meta[base + 4] + I * G * H]
-        RT = weights[meta[base + 5]:meta[base + 5] + H * G * H]
-        bW = weights[meta[base + 6]:meta[base + 6] + G * H]
-        bR = weights[meta[base + 7]:meta[base + 7] + G * H]
-        h = tile[S * offset:S * (offset + H)]
-        gates = work[gates_at:gates_at + S * G * H]
-        if kind == LSTM:
-            c = tile[S * (offset + H):S * (offset + 2 * H)]
-            lstm_layer(inp, h, c, WT, RT, bW, bR, gates, S, I, H)
-        elif kind == GRU or kind == GRU_RESET_FIRST:
-            gh = work[gates_at + S * G * H:gates_at + 2 * S * G * H]
-            rh = work[gates_at + 2 * S * G * H:gates_at + 2 * S * G * H + S * H]
-            gru_layer(inp, h, WT, RT, bW, bR, kind == GRU, gates, gh, rh, S, I, H)
-        else:
-            rnn_layer(inp, h, WT, RT, bW, bR, kind == RNN_RELU, gates, S, I, H)
-        inp = h
-        width = H
+    base = HEADER + ROW * unit
+    kind, I, H, offset, HP = meta[base + U_KIND], meta[base + U_INPUT], meta[base + U_HIDDEN], \
+        meta[base + U_STATE], meta[base + U_OUT]
+    coupled = (meta[base + U_FLAGS] & F_COUPLED) != 0
+    G = GATE_BLOCKS[kind] - (1 if coupled else 0)
+    WT = weights[meta[base + U_WT]:meta[base + U_WT] + I * G * H]
+    RT = weights[meta[base + U_RT]:meta[base + U_RT] + HP * G * H]
+    bW = weights[meta[base + U_BW]:meta[base + U_BW] + G * H]
+    bR = weights[meta[base + U_BR]:meta[base + U_BR] + G * H]
+    acts = meta[base + U_ACT_F:base + U_ACT_H + 1]
+    params = weights[meta[base + U_PARAMS]:meta[base + U_PARAMS] + 7]
+    h = tile[S * offset:S * (offset + HP)]
+    gates = work[gates_at:gates_at + S * G * H]
+    spare = work[gates_at + S * G * H:gates_at + 2 * S * G * H]
+    scratch = work[gates_at + 2 * S * G * H:gates_at + 2 * S * G * H + S * H]
+    if kind == LSTM:
+        c = tile[S * (offset + HP):S * (offset + HP + H)]
+        P = _optional(weights, meta[base + U_EXTRA], (2 if coupled else 3) * H)
+        projT = _optional(weights, meta[base + U_PROJ], H * HP)
+        lstm_layer(inp, h, c, WT, RT, bW, bR, P, projT, coupled, acts, params, gates, scratch, S, I, H, HP)
+    elif kind == GRU or kind == GRU_RESET_FIRST:
+        gru_layer(inp, h, WT, RT, bW, bR, kind == GRU, acts, params, gates, spare, scratch, S, I, H)
+    elif kind == MGU:
+        mgu_layer(inp, h, WT, RT, bW, bR, acts, params, gates, scratch, S, I, H)
+    elif kind == LEAKY:
+        leak = weights[meta[base + U_EXTRA]:meta[base + U_EXTRA] + H]
+        leaky_layer(inp, h, WT, RT, bW, bR, leak, acts, params, gates, S, I, H)
+    else:
+        rnn_layer(inp, h, WT, RT, bW, bR, acts, params, gates, S, I, H)
+    return h
 
-    n_dense = meta[H_DENSE]
+
+@njit(**KERNEL_OPTIONS)
+def head(inp, width, S, weights, meta, work, out):
+    """The dense layers on inp (S, width) into out (S, O); without any, out is a copy of inp."""
+    n_units, n_dense, max_dense = meta[H_UNITS], meta[H_DENSE], meta[H_MAX_DENSE]
+    dense_at = S * (meta[H_INPUT] + meta[H_STATE] + 2 * meta[H_MAX_GATES] + meta[H_MAX_HIDDEN])
     if n_dense == 0:
         out[:S * width] = inp[:S * width]
     for d in range(n_dense):
-        base = HEADER + ROW * (meta[H_LAYERS] + d)
+        base = HEADER + ROW * (n_units + d)
         act, K, N = meta[base], meta[base + 1], meta[base + 2]
         WT = weights[meta[base + 4]:meta[base + 4] + K * N]
         b = weights[meta[base + 5]:meta[base + 5] + N]
+        alpha, beta = weights[meta[base + 6]], weights[meta[base + 6] + 1]
         at = dense_at + (d % 2) * S * max_dense
         dest = out if d == n_dense - 1 else work[at:at + S * N]
-        dense_layer(inp, WT, b, act, dest, S, K, N)
+        dense_layer(inp, WT, b, act, alpha, beta, dest, S, K, N)
         inp = dest
+
+
+@njit(**KERNEL_OPTIONS)
+def advance(xin, tile, S, weights, meta, work, out):
+    """Advance a tile of S streams one step through every unit, then the head (streamable models only:
+    every unit runs forward). xin (S, I) normalised inputs; tile as in `unit_step`; out (S, O)."""
+    inp = xin
+    width = meta[H_INPUT]
+    for unit in range(meta[H_UNITS]):
+        inp = unit_step(unit, inp, tile, S, weights, meta, work)
+        width = meta[HEADER + ROW * unit + U_OUT]
+    head(inp, width, S, weights, meta, work, out)
 
 
 @njit(**INLINE_OPTIONS)
@@ -108,24 +144,24 @@ def _normalise_into(xin, at, x, meta, weights):
 def _move_rows(states, rows, first, tile, meta, S, gather):
     """Copy state rows ``states[rows[first:first + S]]`` into the tile (gather) or back (scatter).
 
-    A row is [h0 (c0) h1 (c1) ...]; the vector at row offset ``start`` (H floats) becomes the (S, H)
-    block at ``S * start`` of the tile, so each layer's kernel sees plain row-major (S, H) arrays.
+    A row is [h0 (c0) h1 (c1) ...]; the vector at row offset ``start`` (width floats) becomes the
+    (S, width) block at ``S * start`` of the tile, so each unit's kernel sees plain row-major arrays.
     """
     start = 0
-    for layer in range(meta[H_LAYERS]):
-        base = HEADER + ROW * layer
-        H = meta[base + 2]
-        for _ in range(2 if meta[base] == LSTM else 1):  # h, and c for an LSTM
+    for unit in range(meta[H_UNITS]):
+        base = HEADER + ROW * unit
+        for vector in range(2 if meta[base + U_KIND] == LSTM else 1):  # h, and c for an LSTM
+            width = meta[base + U_OUT] if vector == 0 else meta[base + U_HIDDEN]
             for s in range(S):
-                in_row = states[rows[first + s]][start:start + H]
-                in_tile = tile[S * start + s * H:S * start + (s + 1) * H]
+                in_row = states[rows[first + s]][start:start + width]
+                in_tile = tile[S * start + s * width:S * start + (s + 1) * width]
                 if gather:
-                    for j in range(H):
+                    for j in range(width):
                         in_tile[j] = in_row[j]
                 else:
-                    for j in range(H):
+                    for j in range(width):
                         in_row[j] = in_tile[j]
-            start += H
+            start += width
 
 
 @njit(**INLINE_OPTIONS)
@@ -187,6 +223,40 @@ def run_sequence(xs, state, weights, meta, work, ys):
     for t in range(xs.shape[0]):
         _normalise_into(work, 0, xs[t], meta, weights)
         advance(work[:n_in], state, one, weights, meta, work, ys[t])
+    return OK
+
+
+@njit(**KERNEL_OPTIONS)
+def run_layers(xs, state, weights, meta, work, ys):
+    """One stream, T samples, layer after layer over the whole sequence -- what reverse and bidirectional
+    units need. xs (T, I) -> ys (T, O); each unit's final state is left in ``state`` (a reverse unit's
+    is the one after reading xs[0]). A bidirectional layer hands on [forward h | reverse h] per step."""
+    if xs.shape[1] != meta[H_INPUT] or ys.shape[0] != xs.shape[0] or ys.shape[1] != meta[H_OUTPUT]:
+        return BAD_INPUT_SHAPE
+    if state.shape[0] != meta[H_STATE]:
+        return BAD_STATE_SHAPE
+    if not _all_finite(xs):
+        return NOT_FINITE
+    T, stride, width = xs.shape[0], meta[H_MAX_WIDTH], meta[H_INPUT]
+    seq_in = np.zeros(T * stride, np.float32)  # (T, stride): each step's input to the current layer
+    seq_out = np.zeros(T * stride, np.float32)
+    for t in range(T):
+        _normalise_into(seq_in, t * stride, xs[t], meta, weights)
+    one = state.shape[0] // meta[H_STATE]  # see step_one
+    n_units, column = meta[H_UNITS], 0
+    for unit in range(n_units):
+        base = HEADER + ROW * unit
+        flags, HP = meta[base + U_FLAGS], meta[base + U_OUT]
+        column = column if flags & F_SECOND else 0
+        for step in range(T):
+            t = T - 1 - step if flags & F_REVERSE else step
+            h = unit_step(unit, seq_in[t * stride:t * stride + width], state, one, weights, meta, work)
+            seq_out[t * stride + column:t * stride + column + HP] = h[:HP]
+        column += HP
+        if unit + 1 == n_units or not meta[base + ROW + U_FLAGS] & F_SECOND:  # the layer is complete
+            seq_in, seq_out, width = seq_out, seq_in, column
+    for t in range(T):
+        head(seq_in[t * stride:t * stride + width], width, one, weights, meta, work, ys[t])
     return OK
 
 

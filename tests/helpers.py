@@ -8,28 +8,37 @@ from edgernn.spec import DenseLayer, ModelSpec, RecurrentLayer
 
 FAMILIES = {
     "rnn-tanh": dict(cell="rnn"),
-    "rnn-relu": dict(cell="rnn", activation="relu"),
+    "rnn-relu": dict(cell="rnn", activations=("relu",)),
     "gru-lbr": dict(cell="gru", linear_before_reset=True),
     "gru-no-lbr": dict(cell="gru", linear_before_reset=False),
     "lstm": dict(cell="lstm"),
+    "lstm-peepholes": dict(cell="lstm", peepholes=True),
+    "lstm-coupled": dict(cell="lstm", coupled_input_forget=True),
+    "lstm-proj": dict(cell="lstm", proj_size=5),
+    "lstm-all": dict(cell="lstm", peepholes=True, coupled_input_forget=True, proj_size=3, clip=2.0,
+                     activations=("hard_sigmoid", {"name": "leaky_relu", "alpha": 0.1}, "softsign")),
+    "gru-clip-acts": dict(cell="gru", linear_before_reset=False, clip=1.5, activations=("sigmoid", "elu")),
+    "mgu": dict(cell="mgu"),
+    "leaky": dict(cell="leaky"),
+    "rnn-acts": dict(cell="rnn", clip=0.8, activations=({"name": "scaled_tanh", "alpha": 1.5, "beta": 0.7},)),
 }
-"""Every cell family the kernels implement, as `random_spec` keyword arguments."""
+"""Every cell family and variant the streaming kernels implement, as `random_spec` keyword arguments."""
 
 
 def random_spec(cell: str = "lstm", input_size: int = 8, hidden: int = 64, layers: int = 1,
                 head: tuple[int, ...] = (4,), normalize: bool = False, bias: bool = True,
-                activation: str = "tanh", linear_before_reset: bool = True,
-                head_activations: tuple[str, ...] | None = None) -> ModelSpec:
+                head_activations: tuple[str, ...] | None = None, **layer_options) -> ModelSpec:
     """``layers`` stacked ``cell`` layers of ``hidden`` units, then dense layers of widths ``head``.
 
-    ``activation`` (rnn) and ``linear_before_reset`` (gru) apply to every recurrent layer;
+    ``layer_options`` (RecurrentLayer fields: activations, linear_before_reset, variants) apply to every
+    recurrent layer;
     ``head_activations`` gives one activation per dense layer (default identity).
     """
     recurrent, width = [], input_size
     for _ in range(layers):
-        recurrent.append(RecurrentLayer(cell, width, hidden, bias=bias, activation=activation,
-                                        linear_before_reset=linear_before_reset))
-        width = hidden
+        layer = RecurrentLayer(cell, width, hidden, bias=bias, **layer_options)
+        recurrent.append(layer)
+        width = layer.output_size
     dense = []
     for index, out in enumerate(head):
         act = head_activations[index] if head_activations else "identity"
@@ -47,6 +56,9 @@ def random_weights(spec: ModelSpec, seed: int = 0, scale: float = 0.3,
     for name, shape in spec.tensor_shapes().items():
         std = gain / np.sqrt(shape[1]) if gain is not None and len(shape) == 2 else scale
         weights[name] = rng.standard_normal(shape).astype(np.float32) * np.float32(std)
+    for name in weights:
+        if name.endswith(".leak"):  # leak rates lie in (0, 1]
+            weights[name] = rng.uniform(0.05, 1.0, weights[name].shape).astype(np.float32)
     if "input.std" in weights:  # a std must be positive
         weights["input.std"] = rng.uniform(0.5, 2.0, spec.input_size).astype(np.float32)
     return weights

@@ -19,6 +19,8 @@ from edgernn.model import PARALLEL_MIN_STREAMS, Model
 from edgernn.reference import reference_run
 from helpers import FAMILIES, random_spec, random_weights
 
+from edgernn.errors import StreamingError
+
 TOLERANCE = 1e-5
 STEPS = 500
 GAIN, BIAS_SCALE = 0.5, 0.1
@@ -73,7 +75,7 @@ def test_run_matches_the_float64_reference(case, seed):
     assert np.isfinite(want_ys).all()
     np.testing.assert_allclose(ys, want_ys, rtol=0, atol=TOLERANCE)
     np.testing.assert_allclose(state, want_state, rtol=0, atol=TOLERANCE)
-    if spec.head and spec.head[-1].activation == "softmax":
+    if spec.head and spec.head[-1].activation.name == "softmax":
         np.testing.assert_allclose(ys.sum(axis=1), 1.0, rtol=0, atol=1e-5)
 
 
@@ -107,12 +109,16 @@ def test_step_matches_the_reference_step_by_step(family):
 # ---- tiles of many streams ----------------------------------------------------------------------------
 BATCH_MODELS = {
     "rnn-tanh": dict(cell="rnn", hidden=7, input_size=3, layers=2, head=(2,)),
-    "rnn-relu": dict(cell="rnn", activation="relu", hidden=32, input_size=13, bias=False, head=()),
+    "rnn-relu": dict(cell="rnn", activations=("relu",), hidden=32, input_size=13, bias=False, head=()),
     "gru-lbr": dict(cell="gru", hidden=64, input_size=9, normalize=True, head=(5, 3),
                     head_activations=("relu", "softmax")),
     "gru-no-lbr": dict(cell="gru", linear_before_reset=False, hidden=17, input_size=8, layers=2, head=(4,),
                        head_activations=("sigmoid",)),
     "lstm": dict(cell="lstm", hidden=64, input_size=5, layers=2, head=(6,), head_activations=("tanh",)),
+    "lstm-all": dict(FAMILIES["lstm-all"], hidden=13, input_size=6, layers=2, head=(3,)),
+    "lstm-proj": dict(FAMILIES["lstm-proj"], hidden=24, input_size=4, head=()),
+    "mgu": dict(cell="mgu", hidden=20, input_size=7, layers=2, head=(2,)),
+    "leaky": dict(cell="leaky", hidden=33, input_size=3, head=(4,), head_activations=("hard_sigmoid",)),
 }
 # Around the 4-stream register blocks of matmul_acc, the tile (stack.TILE) and the switch to the parallel
 # kernel (PARALLEL_MIN_STREAMS), read from the code so the sweep follows the lead's tuning.
@@ -166,3 +172,49 @@ def test_parallel_and_serial_kernels_agree(batch_models, family):
     Y_serial = np.concatenate([model.step_batch(small, slots[i:i + 60], X[i:i + 60]) for i in range(0, 130, 60)])
     assert Y_parallel.tobytes() == Y_serial.tobytes()
     assert big.tobytes() == small.tobytes()
+
+
+# ---- whole-sequence layers: reverse and bidirectional -------------------------------------------------
+DIRECTION_CASES = {
+    f"{family}-{direction}": dict(FAMILIES[family], direction=direction)
+    for family in ("rnn-tanh", "gru-no-lbr", "lstm", "lstm-all", "mgu", "leaky")
+    for direction in ("reverse", "bidirectional")
+}
+
+
+@pytest.mark.parametrize("family", list(DIRECTION_CASES))
+def test_reverse_and_bidirectional_layers_match_the_reference(family):
+    case = dict(DIRECTION_CASES[family], hidden=9, input_size=4, layers=2, head=(3,), head_activations=("tanh",))
+    spec, weights, model = build(case, seed=3)
+    xs = inputs(model, 60, 4)
+    start = np.random.default_rng(5).uniform(-0.5, 0.5, model.state_size).astype(np.float32)
+    state = start.copy()
+    ys = model.run(xs, state)
+    want_ys, want_state = reference_run(spec, weights, xs, start)
+    np.testing.assert_allclose(ys, want_ys, rtol=0, atol=TOLERANCE)
+    np.testing.assert_allclose(state, want_state, rtol=0, atol=TOLERANCE)
+    batch = np.stack([start, start])
+    np.testing.assert_array_equal(model.run(np.stack([xs, xs], axis=1), batch)[:, 1], ys)
+    np.testing.assert_array_equal(batch[1], state)
+
+
+def test_a_bidirectional_layer_reads_the_future():
+    """Changing the last sample changes the first output: the reverse direction really runs backwards."""
+    spec, weights, model = build(dict(cell="gru", direction="bidirectional", hidden=6, input_size=3, head=(2,)), 1)
+    xs = inputs(model, 10, 2)
+    changed = xs.copy()
+    changed[-1] += 1.0
+    first, second = model.run(xs, model.new_state()), model.run(changed, model.new_state())
+    assert np.abs(first[0] - second[0]).max() > 1e-4
+
+
+@pytest.mark.parametrize("direction", ["reverse", "bidirectional"])
+def test_step_refuses_a_model_that_needs_the_whole_sequence(direction):
+    spec, _, model = build(dict(cell="lstm", hidden=4, input_size=3, layers=2, head=(), direction=direction), 0)
+    assert not model.streamable
+    state, before = model.new_state(), model.new_state()
+    for call in (lambda: model.step(np.zeros(3, np.float32), state),
+                 lambda: model.step_batch(model.new_state(batch=2), [0, 1], np.zeros((2, 3), np.float32))):
+        with pytest.raises(StreamingError, match=f"layer 0 is {direction}: it needs the whole sequence"):
+            call()
+    assert state.tobytes() == before.tobytes()

@@ -39,4 +39,26 @@ def test_pack_stores_every_weight_transposed_at_its_offset():
         RT = plan.weights[row[5]:row[5] + H * G * H].reshape(H, G * H)
         np.testing.assert_array_equal(WT, model.weights[f"layers.{index}.W"].T)
         np.testing.assert_array_equal(RT, model.weights[f"layers.{index}.R"].T)
-    assert plan.weights.size == model.spec.parameter_count()
+    # every parameter once, plus 7 activation parameters per unit and 2 per dense layer
+    assert plan.weights.size == model.spec.parameter_count() + 7 * 2 + 2 * 2
+
+
+def test_an_mgu_stores_each_gate_block_transposed_on_its_own():
+    """n's recurrent term needs f first, so the kernel multiplies by each block separately."""
+    model = random_model("mgu", hidden=5, input_size=3, head=())
+    plan = pack(model.spec, model.weights)
+    row = plan.meta[HEADER:HEADER + ROW]
+    W, R = model.weights["layers.0.W"], model.weights["layers.0.R"]
+    np.testing.assert_array_equal(plan.weights[row[4]:row[4] + 15].reshape(3, 5), W[:5].T)
+    np.testing.assert_array_equal(plan.weights[row[4] + 15:row[4] + 30].reshape(3, 5), W[5:].T)
+    np.testing.assert_array_equal(plan.weights[row[5] + 25:row[5] + 50].reshape(5, 5), R[5:].T)
+
+
+def test_a_bidirectional_layer_packs_two_units_forward_first():
+    from edgernn.plan import F_REVERSE, F_SECOND, H_UNITS, U_FLAGS, U_STATE
+    model = random_model("lstm", hidden=4, input_size=3, head=(), direction="bidirectional", layers=2)
+    plan = pack(model.spec, model.weights)
+    assert plan.meta[H_UNITS] == 4
+    rows = [plan.meta[HEADER + ROW * u:HEADER + ROW * (u + 1)] for u in range(4)]
+    assert [row[U_FLAGS] for row in rows] == [0, F_REVERSE | F_SECOND] * 2
+    assert [row[U_STATE] for row in rows] == [0, 8, 16, 24]

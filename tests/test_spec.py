@@ -9,7 +9,9 @@ import re
 import pytest
 
 from edgernn.errors import SpecError
-from edgernn.spec import SPEC_VERSION, DenseLayer, ModelSpec, RecurrentLayer
+import numpy as np
+
+from edgernn.spec import SPEC_VERSION, Activation, DenseLayer, ModelSpec, RecurrentLayer
 
 
 def refused(where: str, build, *words):
@@ -71,7 +73,7 @@ def test_dense_sizes_must_be_positive_integers(field, bad):
 @pytest.mark.parametrize("bad", ["LSTM", "peephole", "", None, 3])
 def test_unknown_cell(bad):
     layers = (RecurrentLayer(bad, 3, 5),)
-    refused("layers[0].cell", lambda: ModelSpec(3, layers), "rnn, gru, lstm")
+    refused("layers[0].cell", lambda: ModelSpec(3, layers), "rnn, leaky, mgu, gru, lstm")
 
 
 @pytest.mark.parametrize("field", ["bias", "linear_before_reset"])
@@ -87,24 +89,84 @@ def test_dense_bias_and_normalize_must_be_bools(bad):
     refused("normalize", lambda: ModelSpec(**two_layer(normalize=bad)), "true or false")
 
 
-@pytest.mark.parametrize("bad", ["sigmoid", "identity", "Tanh", None])
-def test_rnn_activation_must_be_tanh_or_relu(bad):
-    refused("layers[0].activation", lambda: ModelSpec(3, (RecurrentLayer("rnn", 3, 5, activation=bad),)),
-            "tanh, relu")
+@pytest.mark.parametrize("bad", ["softmax", "gelu", "Tanh", None, 3])
+def test_recurrent_activations_must_be_known_elementwise_functions(bad):
+    refused("layers[0].activations[0]", lambda: ModelSpec(3, (RecurrentLayer("rnn", 3, 5, activations=[bad]),)))
 
 
-@pytest.mark.parametrize("cell", ["gru", "lstm"])
-def test_only_an_rnn_takes_an_activation(cell):
-    ModelSpec(3, (RecurrentLayer(cell, 3, 5, activation="tanh"),))  # the default is fine
-    refused("layers[0].activation", lambda: ModelSpec(3, (RecurrentLayer(cell, 3, 5, activation="relu"),)),
-            "only an rnn", "'relu'")
+@pytest.mark.parametrize("cell, count", [("rnn", 2), ("gru", 1), ("gru", 4), ("lstm", 2), ("mgu", 3)])
+def test_one_activation_per_slot(cell, count):
+    refused("layers[0].activations", lambda: ModelSpec(3, (RecurrentLayer(cell, 3, 5, activations=["tanh"] * count),)),
+            "takes")
+
+
+def test_a_bidirectional_layer_takes_one_set_of_activations_per_direction():
+    ModelSpec(3, (RecurrentLayer("gru", 3, 5, direction="bidirectional", activations=["sigmoid", "tanh"] * 2),))
+    refused("layers[0].activations", lambda: ModelSpec(3, (RecurrentLayer("gru", 3, 5, activations=["tanh"] * 4),)))
+
+
+@pytest.mark.parametrize("bad", [{"name": "leaky_relu", "alpha": "x"}, {"name": "elu", "beta": float("nan")}])
+def test_activation_parameters_must_be_finite_numbers(bad):
+    field = "alpha" if "alpha" in bad else "beta"
+    refused(f"layers[0].activations[0].{field}", lambda: ModelSpec(3, (RecurrentLayer("rnn", 3, 5, activations=[bad]),)),
+            "finite number")
+
+
+@pytest.mark.parametrize("field, value, cell", [
+    ("peepholes", True, "gru"), ("coupled_input_forget", True, "rnn"), ("proj_size", 2, "gru"),
+    ("linear_before_reset", False, "lstm"),
+])
+def test_variant_options_belong_to_their_cell(field, value, cell):
+    refused(f"layers[0].{field}", lambda: ModelSpec(3, (RecurrentLayer(cell, 3, 5, **{field: value}),)), "only")
+
+
+@pytest.mark.parametrize("field, bad", [("clip", 0), ("clip", -1.0), ("clip", "1"), ("proj_size", -1),
+                                        ("direction", "backward")])
+def test_bad_clip_proj_size_and_direction(field, bad):
+    refused(f"layers[0].{field}", lambda: ModelSpec(3, (RecurrentLayer("lstm", 3, 5, **{field: bad}),)))
 
 
 @pytest.mark.parametrize("bad", ["gelu", "Softmax", "", None, 2])
 def test_dense_activation(bad):
     head = (DenseLayer(4, 3), DenseLayer(3, 2, activation=bad))
-    refused("head[1].activation", lambda: ModelSpec(**two_layer(head=head)),
-            "identity, relu, tanh, sigmoid, softmax")
+    refused("head[1].activation", lambda: ModelSpec(**two_layer(head=head)), "identity, sigmoid, tanh")
+
+
+def test_variant_sizes_and_tensors():
+    layer = RecurrentLayer("lstm", 3, 8, direction="bidirectional", peepholes=True, coupled_input_forget=True,
+                           proj_size=4)
+    spec = ModelSpec(3, (layer, RecurrentLayer("mgu", 8, 5), RecurrentLayer("leaky", 5, 6)))
+    assert layer.gates == 3 and layer.output_size == 8 and layer.state_size == 2 * (4 + 8)
+    shapes = spec.tensor_shapes()
+    assert shapes["layers.0.W"] == shapes["layers.0.reverse.W"] == (24, 3)
+    assert shapes["layers.0.R"] == (24, 4) and shapes["layers.0.P"] == (16,) and shapes["layers.0.proj"] == (4, 8)
+    assert shapes["layers.1.W"] == (10, 8) and shapes["layers.2.leak"] == (6,)
+    assert spec.output_size == 6 and not spec.streamable
+    assert ModelSpec(3, spec.layers[1:2] and (RecurrentLayer("mgu", 3, 5),)).streamable
+
+
+def test_leak_rates_must_lie_in_0_1():
+    from edgernn.spec import check_weights
+    spec = ModelSpec(2, (RecurrentLayer("leaky", 2, 3),))
+    weights = {name: np.full(shape, 0.5, np.float32) for name, shape in spec.tensor_shapes().items()}
+    check_weights(spec, weights)
+    weights["layers.0.leak"][1] = 0.0
+    with pytest.raises(SpecError, match=re.escape("weights['layers.0.leak']: every leak rate")):
+        check_weights(spec, weights)
+
+
+def test_a_version_1_spec_is_upgraded():
+    old = {"version": 1, "input_size": 2, "layers": [
+        {"cell": "rnn", "input_size": 2, "hidden_size": 3, "bias": True, "activation": "relu",
+         "linear_before_reset": True},
+        {"cell": "gru", "input_size": 3, "hidden_size": 3, "bias": True, "activation": "tanh",
+         "linear_before_reset": False}],
+        "head": [{"in_features": 3, "out_features": 2, "bias": True, "activation": "softmax"}],
+        "normalize": False, "name": "v1"}
+    spec = ModelSpec.from_dict(old)
+    assert spec.version == SPEC_VERSION and spec.layers[0].activations == (Activation("relu"),)
+    assert spec.layers[1].activations == () and not spec.layers[1].linear_before_reset
+    assert spec.head[0].activation == Activation("softmax")
 
 
 def test_first_layer_must_take_the_model_input():
@@ -114,12 +176,12 @@ def test_first_layer_must_take_the_model_input():
 def test_layers_must_chain():
     layers = (RecurrentLayer("lstm", 3, 5), RecurrentLayer("gru", 6, 4))
     refused("layers[1].input_size", lambda: ModelSpec(**two_layer(layers=layers)),
-            "must equal layers[0].hidden_size (5)", "got 6")
+            "must equal layers[0] output (5)", "got 6")
 
 
 def test_head_must_chain():
     refused("head[0].in_features", lambda: ModelSpec(**two_layer(head=(DenseLayer(5, 2),))),
-            "must equal layers[1].hidden_size (4)", "got 5")
+            "must equal layers[1] output (4)", "got 5")
     head = (DenseLayer(4, 3), DenseLayer(2, 1))
     refused("head[1].in_features", lambda: ModelSpec(**two_layer(head=head)),
             "must equal head[0].out_features (3)", "got 2")
@@ -139,14 +201,15 @@ def test_layers_of_the_wrong_type():
             "must be a DenseLayer", "RecurrentLayer")
 
 
-@pytest.mark.parametrize("bad", [0, 2, "1", None])
+@pytest.mark.parametrize("bad", [0, 1, 3, "2", None])
 def test_wrong_version(bad):
+    """Version 1 is read (and upgraded) by from_dict/from_json only; a spec object is always the current one."""
     refused("version", lambda: ModelSpec(**two_layer(version=bad)), f"spec version {SPEC_VERSION}", repr(bad))
 
 
-@pytest.mark.parametrize("bad", [True, 1.0, "1"])
+@pytest.mark.parametrize("bad", [True, 2.0, "2"])
 def test_version_must_be_an_integer(bad):
-    """True == 1 and 1.0 == 1 in Python: the version must still be refused unless it is the int 1."""
+    """True == 1 and 2.0 == 2 in Python: the version must still be refused unless it is the int 2."""
     refused("version", lambda: ModelSpec(**two_layer(version=bad)), repr(bad))
 
 
@@ -165,14 +228,20 @@ def test_layers_validate_on_their_own():
         RecurrentLayer("cnn", 3, 4).validate("here")
     with pytest.raises(SpecError, match=re.escape("there.out_features")):
         DenseLayer(3, 0).validate("there")
-    RecurrentLayer("rnn", 3, 4, activation="relu").validate("fine")
+    RecurrentLayer("rnn", 3, 4, activations=("relu",)).validate("fine")
     DenseLayer(3, 2, activation="softmax").validate("fine")
 
 
 # ---- JSON round trip ----------------------------------------------------------------------------------
 ROUND_TRIP = {
     "rnn-tanh": ModelSpec(2, (RecurrentLayer("rnn", 2, 3),)),
-    "rnn-relu-no-bias": ModelSpec(2, (RecurrentLayer("rnn", 2, 3, bias=False, activation="relu"),)),
+    "rnn-relu-no-bias": ModelSpec(2, (RecurrentLayer("rnn", 2, 3, bias=False, activations=("relu",)),)),
+    "variants": ModelSpec(3, (
+        RecurrentLayer("lstm", 3, 6, direction="bidirectional", peepholes=True, coupled_input_forget=True,
+                       proj_size=2, clip=3.0, activations=("hard_sigmoid", {"name": "leaky_relu", "alpha": 0.2},
+                                                            "tanh", "sigmoid", "elu", "softsign")),
+        RecurrentLayer("mgu", 4, 5, direction="reverse"), RecurrentLayer("leaky", 5, 5, bias=False)),
+        (DenseLayer(5, 2, activation={"name": "hard_sigmoid", "alpha": 0.1, "beta": 0.6}),)),
     "gru-both-lbr": ModelSpec(4, (RecurrentLayer("gru", 4, 8, linear_before_reset=True),
                                   RecurrentLayer("gru", 8, 6, linear_before_reset=False)), name="grus"),
     "lstm-normalized-heads": ModelSpec(
@@ -201,7 +270,9 @@ def test_json_uses_plain_types():
     data = json.loads(ROUND_TRIP["lstm-normalized-heads"].to_json())
     assert isinstance(data["layers"], list) and isinstance(data["head"], list)
     assert data["layers"][1] == {"cell": "lstm", "input_size": 16, "hidden_size": 7, "bias": False,
-                                 "activation": "tanh", "linear_before_reset": True}
+                                 "direction": "forward", "activations": [], "clip": None,
+                                 "linear_before_reset": True, "peepholes": False, "coupled_input_forget": False,
+                                 "proj_size": 0}
     assert data["head"][4] == {"in_features": 4, "out_features": 3, "bias": False, "activation": "softmax"}
 
 
@@ -267,7 +338,7 @@ def test_from_json_refuses_wrong_container_types(text, where, words):
     ({"input_size": "2"}, "input_size"),
     ({"input_size": 2.0}, "input_size"),
     ({"normalize": 1}, "normalize"),
-    ({"version": 2}, "version"),
+    ({"version": 3}, "version"),
     ({"name": None}, "name"),
 ])
 def test_from_json_validates_values(change, where):
@@ -283,8 +354,11 @@ def test_from_json_validates_nested_values():
     refused("head[1].activation", lambda: ModelSpec.from_json(json.dumps(data)))
     data = spec_dict()
     data["layers"][0]["cell"] = "gru"
-    data["layers"][0]["activation"] = "relu"
-    refused("layers[0].activation", lambda: ModelSpec.from_json(json.dumps(data)), "only an rnn")
+    data["layers"][0]["peepholes"] = True
+    refused("layers[0].peepholes", lambda: ModelSpec.from_json(json.dumps(data)), "only an lstm")
+    data = spec_dict()
+    data["layers"][0]["activations"] = ["sigmoid", {"name": "tanh", "gain": 2}, "tanh"]
+    refused("layers[0].activations[1].gain", lambda: ModelSpec.from_json(json.dumps(data)), "unknown field")
 
 
 # ---- derived sizes ------------------------------------------------------------------------------------

@@ -53,6 +53,80 @@ def relu(x):
     return max(x, np.float32(0.0))
 
 
+# Activation codes, shared by the plan (which writes them) and the kernels (which dispatch on them).
+(IDENTITY, RELU, TANH, SIGMOID, SOFTMAX, AFFINE, LEAKY_RELU, THRESHOLDED_RELU, SCALED_TANH, HARD_SIGMOID,
+ ELU, SOFTSIGN, SOFTPLUS) = range(13)
+ACTIVATION_CODES = {
+    "identity": IDENTITY, "relu": RELU, "tanh": TANH, "sigmoid": SIGMOID, "softmax": SOFTMAX, "affine": AFFINE,
+    "leaky_relu": LEAKY_RELU, "thresholded_relu": THRESHOLDED_RELU, "scaled_tanh": SCALED_TANH,
+    "hard_sigmoid": HARD_SIGMOID, "elu": ELU, "softsign": SOFTSIGN, "softplus": SOFTPLUS,
+}
+
+
+@njit(**INLINE_OPTIONS)
+def activate(x, code, alpha, beta):
+    """Any elementwise activation by code (ONNX's definitions; `edgernn.spec.ACTIVATION_DEFAULTS`).
+    The rare ones call libm's exp/log: they are not on the default path."""
+    zero, one = np.float32(0.0), np.float32(1.0)
+    if code == SIGMOID:
+        return sigmoid(x)
+    if code == TANH:
+        return tanh(x)
+    if code == RELU:
+        return max(x, zero)
+    if code == AFFINE:
+        return alpha * x + beta
+    if code == LEAKY_RELU:
+        return x if x >= zero else alpha * x
+    if code == THRESHOLDED_RELU:
+        return x if x > alpha else zero
+    if code == SCALED_TANH:
+        return alpha * tanh(beta * x)
+    if code == HARD_SIGMOID:
+        return min(max(alpha * x + beta, zero), one)
+    if code == ELU:
+        return x if x >= zero else alpha * (np.exp(x) - one)
+    if code == SOFTSIGN:
+        return x / (one + abs(x))
+    if code == SOFTPLUS:
+        return max(x, zero) + np.log1p(np.exp(-abs(x)))
+    return x  # IDENTITY
+
+
+@njit(**INLINE_OPTIONS)
+def activate_into(out, v, code, alpha, beta):
+    """out[:] = activation(v) (``out`` may be ``v``): separate loops for the common functions, so each
+    vectorises."""
+    n = v.shape[0]
+    if code == SIGMOID:
+        for j in range(n):
+            out[j] = sigmoid(v[j])
+    elif code == TANH:
+        for j in range(n):
+            out[j] = tanh(v[j])
+    elif code == RELU:
+        for j in range(n):
+            out[j] = max(v[j], np.float32(0.0))
+    else:
+        for j in range(n):
+            out[j] = activate(v[j], code, alpha, beta)
+
+
+@njit(**INLINE_OPTIONS)
+def clip_all(v, bound):
+    """v[:] = clip(v, -bound, bound): ONNX's ``clip``, applied to an activation's input."""
+    for j in range(v.shape[0]):
+        v[j] = min(max(v[j], -bound), bound)
+
+
+@njit(**INLINE_OPTIONS)
+def gate(v, code, alpha, beta, bound):
+    """v[:] = activation(clip(v)): one gate block; the clip is skipped when ``bound`` is 0 (no clip)."""
+    if bound > 0:
+        clip_all(v, bound)
+    activate_into(v, v, code, alpha, beta)
+
+
 # ---- NumPy references (the test oracles), exact up to float64 rounding ----------------------------
 def sigmoid_reference(x):
     return 1.0 / (1.0 + np.exp(-x))

@@ -8,10 +8,7 @@ inputs; and a tile of S streams shares each weight row while it sits in L1 (PERF
 import numpy as np
 from numba import njit
 
-from .activations import KERNEL_OPTIONS, activation_reference, relu, sigmoid, tanh
-
-IDENTITY, RELU, TANH, SIGMOID, SOFTMAX = 0, 1, 2, 3, 4
-ACTIVATION_CODES = {"identity": IDENTITY, "relu": RELU, "tanh": TANH, "sigmoid": SIGMOID, "softmax": SOFTMAX}
+from .activations import KERNEL_OPTIONS, SOFTMAX, activate_into, activation_reference
 
 
 @njit(**KERNEL_OPTIONS)
@@ -76,7 +73,7 @@ def gate_preactivations(inp, h, WT, RT, bW, bR, gates, S, I, H, G):
 
 
 @njit(**KERNEL_OPTIONS)
-def dense_layer(inp, WT, b, activation, out, S, K, N):
+def dense_layer(inp, WT, b, activation, alpha, beta, out, S, K, N):
     """out (S, N) = activation(inp (S, K) @ WT (K, N) + b (N,)), flat arrays as in `matmul_acc`."""
     for s in range(S):
         o = out[s * N:(s + 1) * N]
@@ -85,16 +82,7 @@ def dense_layer(inp, WT, b, activation, out, S, K, N):
     matmul_acc(inp, WT, out, S, K, N)
     for s in range(S):
         o = out[s * N:(s + 1) * N]
-        if activation == RELU:
-            for j in range(N):
-                o[j] = relu(o[j])
-        elif activation == TANH:
-            for j in range(N):
-                o[j] = tanh(o[j])
-        elif activation == SIGMOID:
-            for j in range(N):
-                o[j] = sigmoid(o[j])
-        elif activation == SOFTMAX:
+        if activation == SOFTMAX:
             # exp is rare here (once per output per step), so the exact libm call is fine.
             top = o[0]
             for j in range(1, N):
@@ -105,6 +93,8 @@ def dense_layer(inp, WT, b, activation, out, S, K, N):
                 total += o[j]
             for j in range(N):
                 o[j] /= total
+        else:
+            activate_into(o, o, activation, alpha, beta)
 
 
 def dense_reference(x, W, b, activation, alpha=0.0, beta=0.0):

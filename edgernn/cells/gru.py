@@ -10,7 +10,7 @@
 import numpy as np
 from numba import njit
 
-from .activations import KERNEL_OPTIONS, sigmoid, sigmoid_reference, tanh
+from .activations import KERNEL_OPTIONS, gate, sigmoid_reference
 from .dense import matmul_acc
 
 
@@ -35,9 +35,10 @@ def gru_reference(x, h, W, R, Wb, Rb, linear_before_reset=True, f=sigmoid_refere
 
 
 @njit(**KERNEL_OPTIONS)
-def gru_layer(inp, h, WT, RT, bW, bR, linear_before_reset, gx, gh, rh, S, I, H):
+def gru_layer(inp, h, WT, RT, bW, bR, linear_before_reset, acts, params, gx, gh, rh, S, I, H):
     """Flat row-major tiles: inp (S, I); h (S, H) advanced in place; WT (I, 3H), RT (H, 3H);
-    gx, gh (S, 3H) and rh (S, H) scratch."""
+    gx, gh (S, 3H) and rh (S, H) scratch. ``acts`` [f, g] codes, ``params`` [alpha_f, beta_f, alpha_g,
+    beta_g, -, -, clip]."""
     G = 3 * H
     for s in range(S):
         gx_s, gh_s = gx[s * G:(s + 1) * G], gh[s * G:(s + 1) * G]
@@ -52,12 +53,13 @@ def gru_layer(inp, h, WT, RT, bW, bR, linear_before_reset, gx, gh, rh, S, I, H):
         h_s, rh_s = h[s * H:(s + 1) * H], rh[s * H:(s + 1) * H]
         # Short passes over few arrays each, so LLVM can vectorise them (see lstm_layer).
         for j in range(H):
-            x_r[j] = sigmoid(x_r[j] + h_r[j])  # r
+            x_r[j] += h_r[j]
         for j in range(H):
-            x_z[j] = sigmoid(x_z[j] + h_z[j])  # z
+            x_z[j] += h_z[j]
+        gate(gx[s * G:s * G + 2 * H], acts[0], params[0], params[1], params[6])  # r, z
         if linear_before_reset:
             for j in range(H):
-                x_n[j] = tanh(x_n[j] + x_r[j] * h_n[j])  # n = tanh(W_n x + Wb_n + r * (R_n h + Rb_n))
+                x_n[j] += x_r[j] * h_n[j]  # W_n x + Wb_n + r * (R_n h + Rb_n)
         else:
             # n's recurrent term sees the reset hidden state: R_n (r * h) + Rb_n (RT's last H columns).
             for j in range(H):
@@ -70,6 +72,7 @@ def gru_layer(inp, h, WT, RT, bW, bR, linear_before_reset, gx, gh, rh, S, I, H):
                 for j in range(H):
                     h_n[j] += a * R_n[j]
             for j in range(H):
-                x_n[j] = tanh(x_n[j] + h_n[j])
+                x_n[j] += h_n[j]
+        gate(x_n, acts[1], params[2], params[3], params[6])  # n
         for j in range(H):
             h_s[j] = (np.float32(1.0) - x_z[j]) * x_n[j] + x_z[j] * h_s[j]  # h' = (1 - z) n + z h

@@ -7,6 +7,10 @@ R are a fixed random reservoir and only the dense head is trained (`edgernn.rese
 """
 
 import numpy as np
+from numba import njit
+
+from .activations import KERNEL_OPTIONS, gate
+from .dense import gate_preactivations
 
 
 def leaky_reference(x, h, W, R, Wb, Rb, leak, f=np.tanh, clip=None):
@@ -15,3 +19,15 @@ def leaky_reference(x, h, W, R, Wb, Rb, leak, f=np.tanh, clip=None):
     if Wb is not None:
         a = a + Wb + Rb
     return (1.0 - leak) * h + leak * f(a if clip is None else np.clip(a, -clip, clip))
+
+
+@njit(**KERNEL_OPTIONS)
+def leaky_layer(inp, h, WT, RT, bW, bR, leak, acts, params, gates, S, I, H):
+    """Flat row-major tiles as in `edgernn.cells.rnn.rnn_layer`; ``leak`` (H,) the rate of each unit."""
+    gate_preactivations(inp, h, WT, RT, bW, bR, gates, S, I, H, H)
+    a = gates[:S * H]
+    gate(a, acts[0], params[0], params[1], params[6])
+    for s in range(S):
+        h_s, a_s = h[s * H:(s + 1) * H], a[s * H:(s + 1) * H]
+        for j in range(H):
+            h_s[j] += leak[j] * (a_s[j] - h_s[j])  # (1 - leak) h + leak f(...)

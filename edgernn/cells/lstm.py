@@ -6,13 +6,17 @@
     o  = sigmoid(W_o x + Wb_o + R_o h + Rb_o)
     c' = f * c + i * g
     h' = o * tanh(c')
+
+Variants: peepholes add P_i * c and P_f * c to i and f, and P_o * c' to o; a coupled input-forget gate
+drops the f block (blocks i, g, o) and uses f = 1 - i; a projection (PyTorch's proj_size) makes
+h' = proj @ (o * tanh(c')), of proj_size floats. ONNX's clip bounds every gate's pre-activation.
 """
 
 import numpy as np
 from numba import njit
 
-from .activations import KERNEL_OPTIONS, sigmoid, sigmoid_reference, tanh
-from .dense import gate_preactivations
+from .activations import KERNEL_OPTIONS, TANH, activate_into, gate, sigmoid_reference, tanh
+from .dense import gate_preactivations, matmul_acc
 
 
 def lstm_reference(x, h, c, W, R, Wb, Rb, P=None, proj=None, coupled=False,
@@ -43,25 +47,48 @@ def lstm_reference(x, h, c, W, R, Wb, Rb, P=None, proj=None, coupled=False,
 
 
 @njit(**KERNEL_OPTIONS)
-def lstm_layer(inp, h, c, WT, RT, bW, bR, gates, S, I, H):
-    """Flat row-major tiles: inp (S, I); h, c (S, H) advanced in place; WT (I, 4H), RT (H, 4H);
-    gates (S, 4H) scratch."""
-    G = 4 * H
-    gate_preactivations(inp, h, WT, RT, bW, bR, gates, S, I, H, G)
+def lstm_layer(inp, h, c, WT, RT, bW, bR, P, projT, coupled, acts, params, gates, hc, S, I, H, HP):
+    """Flat row-major tiles: inp (S, I); h (S, HP), c (S, H) advanced in place; WT (I, G*H), RT (HP, G*H);
+    P the peepholes (empty: none); projT (H, HP) the transposed projection (empty: none, HP = H);
+    gates (S, G*H) and hc (S, H) scratch. ``acts`` [f, g, h] codes; ``params`` [alpha_f, beta_f, alpha_g,
+    beta_g, alpha_h, beta_h, clip]."""
+    G = (3 if coupled else 4) * H
+    gate_preactivations(inp, h, WT, RT, bW, bR, gates, S, I, HP, G)
+    bound, peep, project = params[6], P.shape[0] > 0, projT.shape[0] > 0
     for s in range(S):
         # Separate passes, each touching few arrays: LLVM vectorises a loop only when it can check every
         # pair of arrays it reads and writes for overlap at run time, and gives up beyond a handful.
-        g = gates[s * G:(s + 1) * G]
-        for j in range(2 * H):
-            g[j] = sigmoid(g[j])  # i, f
-        g_g, g_o = g[2 * H:3 * H], g[3 * H:]
-        for j in range(H):
-            g_g[j] = tanh(g_g[j])
-        for j in range(H):
-            g_o[j] = sigmoid(g_o[j])
-        i, f = g[:H], g[H:2 * H]
-        c_s, h_s = c[s * H:(s + 1) * H], h[s * H:(s + 1) * H]
-        for j in range(H):
-            c_s[j] = f[j] * c_s[j] + i[j] * g_g[j]
-        for j in range(H):
-            h_s[j] = g_o[j] * tanh(c_s[j])
+        g, c_s = gates[s * G:(s + 1) * G], c[s * H:(s + 1) * H]
+        i, f = g[:H], g[H:2 * H]  # f is g's block when coupled, and unused
+        g_g, g_o = (g[H:2 * H], g[2 * H:]) if coupled else (g[2 * H:3 * H], g[3 * H:])
+        if peep:  # i += P_i * c, f += P_f * c (the previous c)
+            for j in range(H):
+                i[j] += P[j] * c_s[j]
+            if not coupled:
+                for j in range(H):
+                    f[j] += P[H + j] * c_s[j]
+        gate(g[:H] if coupled else g[:2 * H], acts[0], params[0], params[1], bound)  # i (and f)
+        gate(g_g, acts[1], params[2], params[3], bound)
+        if coupled:
+            for j in range(H):
+                c_s[j] = (np.float32(1.0) - i[j]) * c_s[j] + i[j] * g_g[j]  # f = 1 - i
+        else:
+            for j in range(H):
+                c_s[j] = f[j] * c_s[j] + i[j] * g_g[j]
+        if peep:  # o += P_o * c'
+            P_o = P[(1 if coupled else 2) * H:]
+            for j in range(H):
+                g_o[j] += P_o[j] * c_s[j]
+        gate(g_o, acts[0], params[0], params[1], bound)
+        out = hc[s * H:(s + 1) * H] if project else h[s * H:(s + 1) * H]
+        if acts[2] == TANH:
+            for j in range(H):
+                out[j] = g_o[j] * tanh(c_s[j])
+        else:
+            activate_into(g_g, c_s, acts[2], params[4], params[5])  # g is spent: reuse it for h(c')
+            for j in range(H):
+                out[j] = g_o[j] * g_g[j]
+    if project:  # h = proj @ (o * h(c'))
+        for j in range(S * HP):
+            h[j] = np.float32(0.0)
+        matmul_acc(hc, projT, h, S, H, HP)

@@ -4,11 +4,16 @@ Gate blocks in canonical order f, n:
     f  = sigmoid(W_f x + Wb_f + R_f h + Rb_f)
     n  = tanh(W_n x + Wb_n + R_n (f * h) + Rb_n)
     h' = (1 - f) * h + f * n
+
+The kernel keeps each gate's weights as its own transposed block (``WT = [W_f^T | W_n^T]``, each (I, H);
+``RT`` likewise), because n's recurrent term needs f first.
 """
 
 import numpy as np
+from numba import njit
 
-from .activations import sigmoid_reference
+from .activations import KERNEL_OPTIONS, gate, sigmoid_reference
+from .dense import gate_preactivations, matmul_acc
 
 
 def mgu_reference(x, h, W, R, Wb, Rb, f=sigmoid_reference, g=np.tanh, clip=None):
@@ -24,3 +29,24 @@ def mgu_reference(x, h, W, R, Wb, Rb, f=sigmoid_reference, g=np.tanh, clip=None)
     forget = f(bound(W_f @ x + Wb_f + R_f @ h + Rb_f))
     n = g(bound(W_n @ x + Wb_n + R_n @ (forget * h) + Rb_n))
     return (1.0 - forget) * h + forget * n
+
+
+@njit(**KERNEL_OPTIONS)
+def mgu_layer(inp, h, WT, RT, bW, bR, acts, params, gates, fh, S, I, H):
+    """Flat row-major tiles: inp (S, I); h (S, H) advanced in place; WT = two (I, H) blocks f, n; RT = two
+    (H, H) blocks; gates (S, 2H) and fh (S, H) scratch."""
+    f, n = gates[:S * H], gates[S * H:2 * S * H]
+    gate_preactivations(inp, h, WT[:I * H], RT[:H * H], bW[:H], bR[:H], f, S, I, H, H)
+    gate(f, acts[0], params[0], params[1], params[6])  # f
+    for s in range(S):
+        n_s, fh_s = n[s * H:(s + 1) * H], fh[s * H:(s + 1) * H]
+        f_s, h_s = f[s * H:(s + 1) * H], h[s * H:(s + 1) * H]
+        for j in range(H):
+            n_s[j] = bW[H + j] + bR[H + j]
+        for j in range(H):
+            fh_s[j] = f_s[j] * h_s[j]
+    matmul_acc(inp, WT[I * H:], n, S, I, H)
+    matmul_acc(fh[:S * H], RT[H * H:], n, S, H, H)  # R_n (f * h)
+    gate(n, acts[1], params[2], params[3], params[6])  # n
+    for j in range(S * H):
+        h[j] += f[j] * (n[j] - h[j])  # (1 - f) h + f n

@@ -1,13 +1,14 @@
-"""Vanilla (Elman) RNN cell:  h' = act(W x + Wb + R h + Rb),  act = tanh or relu.
+"""Vanilla (Elman) RNN cell:  h' = f(W x + Wb + R h + Rb),  f = tanh by default.
 
 `rnn_reference` transcribes the equation for one sample; `rnn_layer` is the Numba kernel for a tile of S
-streams (weights transposed: WT (I, H), RT (H, H)), which advances ``h`` in place.
+streams (weights transposed: WT (I, H), RT (H, H)), which advances ``h`` in place. Any activation
+(`edgernn.spec.ACTIVATION_DEFAULTS`) may stand in for tanh; ``clip`` bounds its input (ONNX's clip).
 """
 
 import numpy as np
 from numba import njit
 
-from .activations import KERNEL_OPTIONS, relu, tanh
+from .activations import KERNEL_OPTIONS, gate
 from .dense import gate_preactivations
 
 
@@ -21,12 +22,11 @@ def rnn_reference(x, h, W, R, Wb, Rb, f=np.tanh, clip=None):
 
 
 @njit(**KERNEL_OPTIONS)
-def rnn_layer(inp, h, WT, RT, bW, bR, use_relu, gates, S, I, H):
-    """Flat row-major tiles: inp (S, I), h (S, H) advanced in place; WT (I, H), RT (H, H); gates (S, H) scratch."""
+def rnn_layer(inp, h, WT, RT, bW, bR, acts, params, gates, S, I, H):
+    """Flat row-major tiles: inp (S, I), h (S, H) advanced in place; WT (I, H), RT (H, H); gates (S, H)
+    scratch. ``acts`` [f] activation code; ``params`` [alpha_f, beta_f, ..., clip] (clip 0: none)."""
     gate_preactivations(inp, h, WT, RT, bW, bR, gates, S, I, H, H)
-    if use_relu:
-        for j in range(S * H):
-            h[j] = relu(gates[j])
-    else:
-        for j in range(S * H):
-            h[j] = tanh(gates[j])
+    a = gates[:S * H]
+    gate(a, acts[0], params[0], params[1], params[6])
+    for j in range(S * H):
+        h[j] = a[j]
