@@ -90,32 +90,6 @@ def read_model_file(path) -> tuple[ModelSpec, dict[str, np.ndarray]]:
     return reader(path, metadata, tensors)
 
 
-def describe(path) -> dict[str, str]:
-    """What ``edgernn inspect`` prints: layers, sizes, parameters, storage, checksum, FLOPs per step."""
-    metadata, _ = read_tensor_file(path)
-    spec, weights = read_model_file(path)
-    layers = ", ".join(
-        f"{layer.cell}{'/' + layer.activation if layer.cell == 'rnn' else ''}"
-        f"{'' if layer.cell != 'gru' or layer.linear_before_reset else ' (reset first)'}"
-        f" {layer.input_size}->{layer.hidden_size}{'' if layer.bias else ' no bias'}"
-        for layer in spec.layers)
-    head = ", ".join(f"dense {d.in_features}->{d.out_features} {d.activation}" for d in spec.head)
-    return {
-        "file": str(path),
-        "name": spec.name or "-",
-        "input": f"{spec.input_size}{' (normalised)' if spec.normalize else ''}",
-        "recurrent": layers,
-        "head": head or "-",
-        "output": str(spec.output_size),
-        "state": f"{spec.state_size} floats per stream",
-        "parameters": f"{spec.parameter_count():,}",
-        "dtype": metadata.get("dtype", "?"),
-        "file size": f"{Path(path).stat().st_size:,} bytes",
-        "checksum": metadata.get("checksum", "?"),
-        "flops/step": f"{spec.flops_per_step():,}",
-    }
-
-
 # ---- checksums shared with stream snapshots ---------------------------------------------------------
 def tensor_checksum(tensors: dict[str, np.ndarray], prefix: bytes = b"") -> str:
     """``"sha256:<hex>"`` over ``prefix`` then each tensor by sorted name: name, dtype, shape, raw bytes.
