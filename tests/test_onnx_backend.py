@@ -28,11 +28,6 @@ import edgernn.onnx_backend as backend  # noqa: E402
 from edgernn.errors import ConversionError  # noqa: E402
 
 PATTERN = r"^test_(lstm|gru|simple_rnn|rnn)_"
-PRECISION_LIMITED = r"^test_gru_(seq_length|bidirectional)_"
-"""Cases the Numba kernels miss by ~2e-7 where the expected output is exactly 0 (ONNX's atol is 1e-7):
-the kernels' sigmoid, 0.5 + 0.5 * tanh(x / 2) with a rational tanh, is off by up to 2.3e-7 near
-saturation, where NumPy's float32 sigmoid is within 9e-8. The float64 reference engine passes them
-(test_node_cases_reference). Strict: when the kernels get more accurate these fail until unmarked."""
 
 # ---- ONNX's node tests through ONNX's runner, on the Numba kernels -----------------------------------
 def _node_test_case() -> type[unittest.TestCase]:
@@ -42,7 +37,6 @@ def _node_test_case() -> type[unittest.TestCase]:
         warnings.simplefilter("ignore", RuntimeWarning)
         backend_test = onnx.backend.test.BackendTest(backend, __name__)
     backend_test.include(PATTERN)
-    backend_test.xfail(PRECISION_LIMITED)
     tests = backend_test.test_cases["OnnxBackendNodeModelTest"]
     selected = {name: getattr(tests, name) for name in dir(tests) if re.match(PATTERN + r".*_cpu$", name)}
     test_case = type("OnnxBackendNodeModelTest", (unittest.TestCase,), selected)
@@ -70,12 +64,6 @@ def test_node_cases_reference(case):
         Runner.assert_similar_outputs(expected, rep.run(inputs), rtol=case.rtol, atol=case.atol)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if re.match(PRECISION_LIMITED, c.name + "_")],
-                         ids=lambda c: c.name)
-def test_precision_limited_cases_stay_close(case):
-    rep = backend.prepare(case.model)
-    for inputs, expected in case.data_sets:
-        Runner.assert_similar_outputs(expected, rep.run(inputs), rtol=case.rtol, atol=5e-7)
 
 
 # ---- the backend interface ----------------------------------------------------------------------------
