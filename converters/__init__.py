@@ -10,4 +10,17 @@ def from_torch(source, **options):
     return _from_torch(source, **options)
 
 
-__all__ = ["from_torch"]
+def from_onnx(source):
+    """An ONNX file or ModelProto (as torch.onnx.export writes them) -> `edgernn.Model`.
+    See `edgernn.converters.onnx_import.from_onnx`."""
+    from .onnx_import import from_onnx as _from_onnx
+    return _from_onnx(source)
+
+
+def to_onnx(model, path=None, **options):
+    """An `edgernn.Model` -> ONNX step model (one sample for B streams). See `edgernn.converters.onnx_export`."""
+    from .onnx_export import to_onnx as _to_onnx
+    return _to_onnx(model, path, **options)
+
+
+__all__ = ["from_onnx", "from_torch", "to_onnx"]

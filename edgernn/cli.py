@@ -1,88 +1,302 @@
 """The `edgernn` command line. Each subcommand imports what it needs only when it runs.
 
-    edgernn convert SRC -o OUT.ern [--dtype float32|float16|int8]   PyTorch checkpoint -> compact file
-    edgernn inspect FILE                                            layers, sizes, dtype, checksum
-    edgernn stream FILE [--csv IN]      CSV samples in, one prediction per line out (bad lines skipped)
-    edgernn compile                     fill Numba's cache now (e.g. at install), not at the first start
+    edgernn convert SRC -o OUT       PyTorch (state dict, pickled module, TorchScript, package.module:factory),
+                                     ONNX or .ern in; an .ern file (--dtype float32|float16|int8) or an ONNX
+                                     step model (--to onnx, or OUT ending in .onnx) out
+    edgernn inspect FILE [--json]    layers, sizes, dtype, checksum, FLOPs per step, streamable or not
+    edgernn verify FILE --reference SRC
+                                     the model and its source on the same sequences: max abs / rel error
+                                     per output; exit 0 within --tolerance, 1 otherwise
+    edgernn stream FILE [--csv IN]   CSV samples in, one prediction per line out (bad lines skipped)
+    edgernn compile                  fill Numba's cache now (e.g. at install), not at the first start
 
-Errors are one line on stderr and exit status 1 (``--debug`` shows the traceback).
+Errors are one line on stderr (``edgernn: error: ...``) and exit status 1; usage errors exit 2.
+``--debug`` shows tracebacks and debug logs. Stage lines go to stderr when it is a terminal.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+import warnings
+from pathlib import Path
 
 from .errors import EdgeRNNError
+
+PYTORCH_SOURCES = ("a PyTorch state dict (.pt/.pth), a TorchScript file, a pickled module (with --trust-pickle), "
+                   "or package.module:factory (with --weights)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+                        format="edgernn: %(levelname)s: %(name)s: %(message)s")
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
     try:
-        return args.run(args) or 0
-    except (EdgeRNNError, OSError, ValueError) as exc:
-        if args.debug:
-            raise
-        print(f"edgernn {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        with warnings.catch_warnings():
+            if not args.debug:  # torch's deprecation and performance notices are not the user's business
+                warnings.simplefilter("ignore")
+            return args.run(args) or 0
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 -- the CLI's contract: one line, no traceback, unless --debug
+        if args.debug:
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        if not isinstance(exc, EdgeRNNError | OSError | ValueError):
+            message = f"{type(exc).__name__}: {message} (--debug shows where)"
+        print(f"edgernn: error: {message}", file=sys.stderr)
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgernn", description="Streaming inference for recurrent networks.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    torch_options = argparse.ArgumentParser(add_help=False)
+    group = torch_options.add_argument_group("PyTorch sources")
+    group.add_argument("--weights", metavar="FILE", help="state dict loaded into a package.module:factory's module")
+    group.add_argument("--trust-pickle", action="store_true",
+                       help="allow loading pickled Python objects: runs code from the file, only for files you trust")
+    group.add_argument("--nonlinearity", choices=("tanh", "relu"),
+                       help="an RNN's nonlinearity, which a state dict cannot tell (default tanh)")
+    group.add_argument("--head-activations", metavar="ACT,...",
+                       help="activation of each dense layer of a state dict, comma-separated (default identity)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    convert = commands.add_parser("convert", help="convert a PyTorch checkpoint to an edgernn file")
-    convert.add_argument("source", help="a PyTorch state dict (.pt/.pth), or a pickled module with --trust-pickle")
-    convert.add_argument("-o", "--output", required=True, help="the .ern file to write")
-    convert.add_argument("--dtype", choices=("float32", "float16", "int8"), default="float32")
-    convert.add_argument("--nonlinearity", choices=("tanh", "relu"),
-                         help="an RNN's nonlinearity, which a state dict cannot tell (default tanh)")
-    convert.add_argument("--head-activations", metavar="ACT,...",
-                         help="activation of each dense layer, comma-separated (default identity)")
-    convert.add_argument("--trust-pickle", action="store_true",
-                         help="allow loading a pickled module: runs code from the file, only for files you trust")
-    convert.set_defaults(run=_convert)
+    convert = commands.add_parser(
+        "convert", parents=[common, torch_options], help="convert a PyTorch or ONNX model to an edgernn file",
+        description=f"Convert SRC -- an ONNX model (.onnx), an edgernn file (.ern) or {PYTORCH_SOURCES} -- to an "
+                    f"edgernn file or an ONNX step model. Modules are verified against the source as they are "
+                    f"converted.")
+    convert.add_argument("source", metavar="SRC", help="the model to convert (see above)")
+    convert.add_argument("-o", "--output", required=True, metavar="OUT", help="the file to write")
+    convert.add_argument("--dtype", choices=("float32", "float16", "int8"), default="float32",
+                         help="how an .ern file stores the weights (default float32)")
+    convert.add_argument("--to", choices=("ern", "onnx"),
+                         help="output format (default: onnx when OUT ends in .onnx, else ern)")
+    convert.add_argument("--no-verify", action="store_true", help="do not run a module source to check the result")
+    convert.set_defaults(run=_convert, parser=convert)
 
-    inspect = commands.add_parser("inspect", help="describe an edgernn file")
-    inspect.add_argument("file")
+    inspect = commands.add_parser("inspect", parents=[common], help="describe an edgernn file")
+    inspect.add_argument("file", metavar="FILE", help="an .ern file")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(run=_inspect)
 
-    stream = commands.add_parser("stream", help="step a model over CSV samples, one output line per input line")
+    verify = commands.add_parser(
+        "verify", parents=[common, torch_options], help="compare an edgernn file with the model it came from",
+        description="Run FILE and its reference on the same sequences (seeded random ones and --input files), "
+                    "whole sequences and one sample at a time; print the max abs and rel error per output. "
+                    "An output passes when its max abs error <= tolerance * max(1, max |reference|). "
+                    "Exit status 0 when every output passes, 1 otherwise.")
+    verify.add_argument("file", metavar="FILE", help="the .ern file to check")
+    verify.add_argument("--reference", required=True, metavar="SRC",
+                        help=f"an ONNX model (run by onnxruntime) or {PYTORCH_SOURCES} (run by PyTorch)")
+    verify.add_argument("--input", action="append", default=[], metavar="FILE",
+                        help=".npy ((T, I) or (N, T, I)) or .csv (one sample a line) sequences; repeatable")
+    verify.add_argument("--steps", type=_positive_int, default=200, help="steps per random sequence (default 200)")
+    verify.add_argument("--sequences", type=_non_negative_int, default=4, help="random sequences (default 4)")
+    verify.add_argument("--tolerance", type=float, default=1e-5, help="allowed error (default 1e-5)")
+    verify.add_argument("--seed", type=int, default=0, help="seed of the random sequences (default 0)")
+    verify.set_defaults(run=_verify, parser=verify)
+
+    stream = commands.add_parser("stream", parents=[common],
+                                 help="step a model over CSV samples, one output line per input line")
     stream.add_argument("file")
     stream.add_argument("--csv", default="-", help="input CSV file, one sample per line (default stdin)")
     stream.set_defaults(run=_stream)
 
-    compile_ = commands.add_parser("compile", help="compile the kernels into Numba's cache (one time, any model)")
+    compile_ = commands.add_parser("compile", parents=[common],
+                                   help="compile the kernels into Numba's cache (one time, any model)")
     compile_.set_defaults(run=_compile)
     return parser
 
 
-def _convert(args) -> None:
-    from . import format as model_format
-    from .converters import from_torch
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
-    activations = args.head_activations.split(",") if args.head_activations else None
-    model = from_torch(args.source, nonlinearity=args.nonlinearity, head_activations=activations,
-                       trust_pickle=args.trust_pickle)
-    model_format.save(model, args.output, dtype=args.dtype)
-    print(f"wrote {args.output}: {model!r}, {args.dtype}")
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def _stage(message: str) -> None:
+    """Progress for a person watching: stderr, only when it is a terminal (never in pipes and tests)."""
+    if sys.stderr.isatty():
+        print(f"edgernn: {message}", file=sys.stderr, flush=True)
+
+
+def _is_onnx(source: str) -> bool:
+    return source.lower().endswith(".onnx")
+
+
+def _torch_options(args) -> dict:
+    activations = [name.strip() for name in args.head_activations.split(",")] if args.head_activations else None
+    return dict(weights=args.weights, trust_pickle=args.trust_pickle, nonlinearity=args.nonlinearity,
+                head_activations=activations)
+
+
+def _refuse_torch_options(args, source: str, kind: str = "an ONNX model") -> None:
+    given = [flag for flag, value in (("--weights", args.weights), ("--trust-pickle", args.trust_pickle),
+                                      ("--nonlinearity", args.nonlinearity),
+                                      ("--head-activations", args.head_activations)) if value]
+    if given:
+        args.parser.error(f"{', '.join(given)} apply to PyTorch sources; {source} is {kind}")
+
+
+def _from_onnx():
+    """The ONNX importer, looked up when needed (it brings onnx, and it may be missing from a build)."""
+    from . import converters
+
+    function = getattr(converters, "from_onnx", None)
+    if function is None:
+        try:
+            from .converters.onnx_import import from_onnx as function
+        except ImportError as exc:
+            raise EdgeRNNError(f"ONNX import is not available in this edgernn ({exc})") from None
+    return function
+
+
+# ---- convert ----------------------------------------------------------------------------------------
+
+
+def _convert(args) -> None:
+    to = args.to or ("onnx" if _is_onnx(args.output) else "ern")
+    if to == "onnx" and args.dtype != "float32":
+        args.parser.error(f"--dtype {args.dtype} applies to .ern files; an ONNX step model holds float32")
+    _stage(f"loading {args.source}")
+    if _is_onnx(args.source):
+        _refuse_torch_options(args, args.source, "an ONNX model")
+        model = _from_onnx()(args.source)
+    elif args.source.lower().endswith(".ern"):  # re-store (another dtype) or export an edgernn file
+        _refuse_torch_options(args, args.source, "an edgernn file")
+        from .format import load
+
+        model = load(args.source)
+    else:
+        from .converters.torch import from_torch
+
+        if not args.no_verify:
+            _stage("converting, and running the source to verify the conversion")
+        model = from_torch(args.source, verify=not args.no_verify, **_torch_options(args))
+    _stage(f"writing {args.output}")
+    from .summary import one_line
+
+    if to == "onnx":
+        from .converters import to_onnx
+
+        to_onnx(model, args.output)
+        size = Path(args.output).stat().st_size
+        print(f"wrote {args.output}: ONNX step model of {one_line(model.spec)}; "
+              f"{model.spec.parameter_count():,} parameters, {size:,} bytes")
+        return
+    from .format import read_tensor_file, save
+
+    save(model, args.output, dtype=args.dtype)
+    metadata, _ = read_tensor_file(args.output)
+    size = Path(args.output).stat().st_size
+    print(f"wrote {args.output}: {one_line(model.spec)}; {model.spec.parameter_count():,} parameters, "
+          f"{args.dtype}, {size:,} bytes, {metadata['checksum'][:19]}")
+
+
+# ---- inspect ----------------------------------------------------------------------------------------
 
 
 def _inspect(args) -> None:
-    from .format import describe
+    from .summary import render, summarize
 
-    for key, value in describe(args.file).items():
-        print(f"{key + ':':<14}{value}")
+    summary, spec = summarize(args.file)
+    print(json.dumps(summary, indent=2) if args.json else render(summary, spec))
+
+
+# ---- verify -----------------------------------------------------------------------------------------
+
+
+def _verify(args) -> int:
+    import math
+
+    from .format import load
+    from .verify import compare, onnx_reference, pytorch_reference, random_sequences, read_inputs
+
+    if not math.isfinite(args.tolerance) or args.tolerance < 0:
+        args.parser.error(f"--tolerance must be a non-negative number, got {args.tolerance}")
+    if args.sequences == 0 and not args.input:
+        args.parser.error("nothing to compare: --sequences 0 and no --input")
+    model = load(args.file)
+    _stage(f"loading the reference {args.reference}")
+    if _is_onnx(args.reference):
+        _refuse_torch_options(args, args.reference)
+        reference = onnx_reference(args.reference, model.input_size)
+    else:
+        reference = pytorch_reference(args.reference, seed=args.seed, **_torch_options(args))
+    steps = args.steps
+    if reference.steps and reference.steps != steps:
+        print(f"note: the reference takes exactly {reference.steps} steps; random sequences have that length")
+        steps = reference.steps
+    sequences = random_sequences(args.sequences, steps, model.input_size, args.seed)
+    for path in args.input:
+        sequences += read_inputs(path, model.input_size)
+    if reference.steps:
+        for label, xs in sequences:
+            if len(xs) != reference.steps:
+                raise EdgeRNNError(f"{label}: {len(xs)} steps, but the reference takes exactly {reference.steps}")
+
+    def progress(index, count, label):
+        _stage(f"sequence {index + 1}/{count}: {label}")
+
+    result = compare(model, reference, sequences, args.tolerance, progress)
+    _report(args, reference, sequences, result, model)
+    return 0 if result.passed else 1
+
+
+def _report(args, reference, sequences, result, model) -> None:
+    import numpy as np
+
+    shown = 16
+    print(f"model:      {args.file}")
+    print(f"reference:  {reference.description}")
+    print(f"sequences:  {result.sequences} ({result.steps:,} steps: "
+          + ", ".join(f"{label} x{len(xs)}" for label, xs in sequences[:4])
+          + (", ..." if len(sequences) > 4 else "") + f"; seed {args.seed})")
+    print(f"{'output':<10}{'max abs err':>14}{'max rel err':>14}{'limit':>12}")
+    order = list(range(result.outputs))
+    if result.outputs > shown:  # the worst ones, by how close they come to their limit
+        order = sorted(order, key=lambda o: -np.nan_to_num(result.abs_err[o] / result.limit[o], nan=np.inf))[:shown]
+        order.sort()
+    rel = result.rel(result.abs_err)
+    for o in order:
+        print(f"{f'y[{o}]':<10}{result.abs_err[o]:>14.3g}{rel[o]:>14.3g}{result.limit[o]:>12.3g}")
+    if result.outputs > shown:
+        print(f"... {result.outputs - shown} more outputs within the worst shown")
+    print(f"{'overall':<10}{np.max(result.abs_err):>14.3g}{np.max(rel):>14.3g}")
+    if result.stream_err is None:
+        blocking = next(i for i, layer in enumerate(model.spec.layers) if layer.direction != "forward")
+        print(f"streaming:  skipped: layer {blocking} is {model.spec.layers[blocking].direction}; the model runs "
+              f"whole sequences only")
+    else:
+        stream_rel = result.rel(result.stream_err)
+        print(f"streaming:  Model.step one sample at a time: max abs err {np.max(result.stream_err):.3g}, "
+              f"max rel err {np.max(stream_rel):.3g}")
+    if result.passed:
+        print(f"PASS: every output within tolerance {args.tolerance:g}")
+    else:
+        names = ", ".join(f"y[{o}]" for o in result.failures[:8]) + (", ..." if len(result.failures) > 8 else "")
+        print(f"FAIL: {len(result.failures)} of {result.outputs} outputs exceed tolerance {args.tolerance:g}: {names}")
+
+
+# ---- stream / compile -------------------------------------------------------------------------------
 
 
 def _stream(args) -> int:
@@ -124,6 +338,9 @@ def _compile(args) -> None:
     model.run(np.zeros((1, 1), np.float32), model.new_state())
     for streams in (1, PARALLEL_MIN_STREAMS):
         model.step_batch(model.new_state(batch=streams), np.arange(streams), np.zeros((streams, 1), np.float32))
+    spec = ModelSpec(1, (RecurrentLayer("rnn", 1, 1, direction="bidirectional"),))  # whole-sequence kernel
+    model = Model(spec, {name: np.zeros(shape, np.float32) for name, shape in spec.tensor_shapes().items()})
+    model.run(np.zeros((1, 1), np.float32), model.new_state())
     print(f"kernels compiled and cached in {time.perf_counter() - start:.1f} s")
 
 

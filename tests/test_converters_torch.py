@@ -1,5 +1,6 @@
 """edgernn.converters.torch: parity with real PyTorch modules, checkpoints, and the refusals."""
 
+import importlib
 import math
 import pickle
 
@@ -10,7 +11,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from edgernn.converters import from_torch  # noqa: E402
-from edgernn.errors import ConversionError  # noqa: E402
+from edgernn.errors import ConversionError, StreamingError  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -34,7 +35,7 @@ CASES = [
 ]
 
 
-def make_recurrent(cell, nonlinearity, input_size, hidden, layers, bias, batch_first, seed=0):
+def make_recurrent(cell, nonlinearity, input_size, hidden, layers, bias, batch_first, seed=0, **options):
     """A PyTorch recurrent module whose inputs drive the units well into their nonlinear range.
 
     Default init gives pre-activations of ~0.1 for wide layers (nearly linear); input weights of
@@ -44,11 +45,11 @@ def make_recurrent(cell, nonlinearity, input_size, hidden, layers, bias, batch_f
     torch.manual_seed(seed)
     kind = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[cell]
     extra = {"nonlinearity": nonlinearity} if cell == "rnn" else {}
-    module = kind(input_size, hidden, num_layers=layers, bias=bias, batch_first=batch_first, **extra)
+    module = kind(input_size, hidden, num_layers=layers, bias=bias, batch_first=batch_first, **extra, **options)
     with torch.no_grad():
-        for k in range(layers):
-            weight = getattr(module, f"weight_ih_l{k}")
-            weight.normal_(0.0, 1.5 / math.sqrt(weight.shape[1]))
+        for name, weight in module.named_parameters():
+            if name.startswith(("weight_ih", "weight_hr")):  # a projection's default init shrinks h too
+                weight.normal_(0.0, 1.5 / math.sqrt(weight.shape[1]))
     return module.eval()
 
 
@@ -118,7 +119,7 @@ class Classifier(nn.Module):
 def test_wrapper_with_dense_head_matches_pytorch():
     module = Classifier().eval()
     model = from_torch(module)
-    assert [d.activation for d in model.spec.head] == ["relu", "softmax"]
+    assert [d.activation.name for d in model.spec.head] == ["relu", "softmax"]
     xs = sequence(STEPS, 4)
     ref = torch_outputs(module, xs, True)
     assert_parity(model, ref, xs)
@@ -164,7 +165,7 @@ class _Wrapped(nn.Module):
 def test_activation_straight_after_the_recurrent_layer():
     wrapper = _Wrapped(make_recurrent("rnn", "relu", 3, 12, 1, True, True), nn.Sigmoid(), nn.Linear(12, 3))
     model = from_torch(wrapper)
-    assert [d.activation for d in model.spec.head] == ["sigmoid", "identity"]
+    assert [d.activation.name for d in model.spec.head] == ["sigmoid", "identity"]
     xs = sequence(STEPS, 3)
     assert_parity(model, torch_outputs(wrapper, xs, True), xs)
 
@@ -222,8 +223,6 @@ class OwnParameter(nn.Module):
 @pytest.mark.parametrize(
     ("module", "message"),
     [
-        (lambda: nn.LSTM(3, 8, bidirectional=True), "bidirectional.*one sample at a time.*ONNX"),
-        (lambda: nn.LSTM(3, 8, proj_size=4), "proj_size=4.*not supported yet"),
         (lambda: _Wrapped(nn.GRU(3, 8), nn.LayerNorm(8), nn.Linear(8, 2)), "LayerNorm.*export to ONNX instead"),
         (lambda: _Wrapped(nn.GRU(3, 8), nn.Linear(8, 2), nn.ReLU(), nn.Tanh()), "Tanh follows.*relu"),
         (lambda: _Wrapped(nn.GRU(3, 8), nn.Linear(8, 2), nn.Softmax(dim=0)), r"Softmax\(dim=0\)"),
@@ -232,7 +231,7 @@ class OwnParameter(nn.Module):
         (lambda: NeedsLengths(), r"running NeedsLengths on a \(64, 1, 2\) input failed.*lengths"),
         (lambda: OwnParameter(), "parameters of its own \\(scale\\)"),
     ],
-    ids=["bidirectional", "proj_size", "unknown-child", "two-activations", "softmax-dim", "two-recurrent",
+    ids=["unknown-child", "two-activations", "softmax-dim", "two-recurrent",
          "linear-first", "forward-fails", "own-parameter"],
 )
 def test_modules_edgernn_cannot_model_are_refused(module, message):
@@ -246,7 +245,7 @@ def test_flags_are_for_state_dicts_only():
 
 
 def test_source_of_the_wrong_type_is_refused():
-    with pytest.raises(ConversionError, match="nn.Module or a checkpoint path"):
+    with pytest.raises(ConversionError, match="nn.Module, a checkpoint path or .package.module:factory., got int"):
         from_torch(42)
 
 
@@ -265,7 +264,7 @@ def test_state_dict_file_round_trip_with_flags(tmp_path, nesting):
     path = tmp_path / "ckpt.pt"
     torch.save(state if nesting is None else {"epoch": 7, nesting: state}, path)
     model = from_torch(path, nonlinearity="relu", head_activations=["tanh", "identity"])
-    assert model.spec.layers[0].activation == "relu" and len(model.spec.layers) == 2
+    assert [a.name for a in model.spec.layers[0].activations] == ["relu"] and len(model.spec.layers) == 2
     xs = sequence(STEPS, 4)
     assert_parity(model, torch_outputs(module, xs, False), xs)
 
@@ -286,14 +285,12 @@ def test_state_dict_flags_are_what_the_model_computes(tmp_path):
         (lambda: _relu_classifier().state_dict(), {"head_activations": ["gelu", "tanh"]}, "'gelu' is not one of"),
         (lambda: nn.LSTM(3, 4).state_dict(), {"nonlinearity": "relu"}, "rnn cells only"),
         (lambda: nn.RNN(3, 4).state_dict(), {"nonlinearity": "sigmoid"}, "nonlinearity must be one of"),
-        (lambda: nn.GRU(3, 4, bidirectional=True).state_dict(), {}, "_reverse.*bidirectional"),
-        (lambda: nn.LSTM(3, 4, proj_size=2).state_dict(), {}, "weight_hr_l0.*proj_size"),
         (lambda: nn.Linear(3, 4).state_dict(), {}, "no recurrent weights"),
         (lambda: {**nn.Linear(3, 4).state_dict(), **nn.GRU(3, 4).state_dict()}, {}, "comes before the recurrent"),
         (lambda: {**nn.GRU(3, 4).state_dict(), "fc.weight": torch.zeros(2, 5)}, {}, "takes 5 inputs.*gives 4"),
         (lambda: {**nn.GRU(3, 4).state_dict(), "ln.weight": torch.ones(4)}, {}, "'ln.weight'.*not a Linear"),
     ],
-    ids=["activations-count", "activation-name", "nonlinearity-lstm", "nonlinearity-name", "reverse", "proj",
+    ids=["activations-count", "activation-name", "nonlinearity-lstm", "nonlinearity-name",
          "no-recurrent", "linear-first", "shapes-chain", "layernorm"],
 )
 def test_state_dicts_edgernn_cannot_read_are_refused(tmp_path, state, options, message):
@@ -330,3 +327,284 @@ def test_garbage_file_is_refused_naming_it(tmp_path, content):
 def test_missing_file_is_refused_naming_it(tmp_path):
     with pytest.raises(ConversionError, match="nothere.pt: no such file"):
         from_torch(tmp_path / "nothere.pt")
+
+
+# ---- projections and both directions ------------------------------------------------------------------
+
+# (cell, nonlinearity, input, hidden, layers, bias, batch_first, extra module options)
+VARIANTS = [
+    ("lstm", None, 3, 16, 1, True, False, {"proj_size": 8}),
+    ("lstm", None, 5, 32, 2, False, True, {"proj_size": 4}),
+    ("lstm", None, 3, 16, 2, True, True, {"bidirectional": True}),
+    ("lstm", None, 4, 24, 2, True, False, {"bidirectional": True, "proj_size": 6}),
+    ("gru", None, 3, 16, 2, True, True, {"bidirectional": True}),
+    ("gru", None, 6, 8, 1, False, False, {"bidirectional": True}),
+    ("rnn", "relu", 4, 16, 1, True, False, {"bidirectional": True}),
+    ("rnn", "tanh", 3, 8, 3, False, True, {"bidirectional": True}),
+]
+
+
+def assert_sequence_parity(model, ref, xs):
+    """Parity of a model that cannot stream: whole sequences only, and step refuses clearly."""
+    assert np.std(ref) > 0.05, "reference output is nearly constant: the test would prove little"
+    assert not model.spec.streamable
+    ran = model.run(xs, model.new_state())
+    assert ran.dtype == np.float32 and ran.shape == ref.shape
+    assert np.max(np.abs(ran - ref)) <= TOL
+    with pytest.raises(StreamingError):
+        model.step(xs[0], model.new_state())
+
+
+def check_variant(model, module, xs, batch_first, bidirectional):
+    ref = torch_outputs(module, xs, batch_first)
+    if bidirectional:
+        assert_sequence_parity(model, ref, xs)
+    else:
+        assert_parity(model, ref, xs)
+
+
+def _variant_id(case):
+    return "{}-{}-I{}-H{}-L{}-bias{}-bf{}".format(*case[:7]) + "".join(f"-{k}{v}" for k, v in case[7].items())
+
+
+@pytest.mark.parametrize("case", VARIANTS, ids=_variant_id)
+def test_projection_and_bidirectional_modules_match_pytorch(case):
+    module = make_recurrent(*case[:7], **case[7])
+    model = from_torch(module)
+    bidirectional, proj = case[7].get("bidirectional", False), case[7].get("proj_size", 0)
+    for layer in model.spec.layers:
+        assert layer.direction == ("bidirectional" if bidirectional else "forward") and layer.proj_size == proj
+    assert model.output_size == (proj or case[3]) * (2 if bidirectional else 1)
+    check_variant(model, module, sequence(STEPS, case[2]), case[6], bidirectional)
+
+
+class BiClassifier(nn.Module):
+    """A projected bidirectional LSTM with a softmax head: the head reads both directions at every step."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = make_recurrent("lstm", None, 4, 20, 2, True, True, bidirectional=True, proj_size=6)
+        self.head = nn.Sequential(linear(12, 8), nn.Tanh(), linear(8, 3), nn.Softmax(dim=-1))
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0])
+
+
+def test_bidirectional_wrapper_with_a_head_matches_pytorch():
+    module = BiClassifier().eval()
+    model = from_torch(module)
+    xs = sequence(STEPS, 4)
+    assert_sequence_parity(model, torch_outputs(module, xs, True), xs)
+
+
+@pytest.mark.parametrize("options", [{"proj_size": 5}, {"bidirectional": True},
+                                     {"bidirectional": True, "proj_size": 3}], ids=["proj", "bidirectional", "both"])
+def test_projection_and_bidirectional_state_dicts(tmp_path, options):
+    module = _Wrapped(make_recurrent("lstm", None, 3, 12, 2, True, False, **options), nn.Linear(
+        options.get("proj_size", 12) * (2 if options.get("bidirectional") else 1), 4), nn.Tanh()).eval()
+    torch.save(module.state_dict(), tmp_path / "ckpt.pt")
+    model = from_torch(tmp_path / "ckpt.pt", head_activations=["tanh"])
+    check_variant(model, module, sequence(STEPS, 3), False, options.get("bidirectional", False))
+
+
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        (lambda: {k: v for k, v in nn.GRU(3, 4, bidirectional=True).state_dict().items() if k != "bias_hh_l0_reverse"},
+         r"layer 0 \(reverse\).*misses"),
+        (lambda: {**nn.LSTM(3, 4, proj_size=2).state_dict(), "weight_hr_l0": torch.zeros(2, 5)},
+         "weight_hh has shape .*not .G.H, proj_size."),
+        (lambda: {**nn.GRU(3, 4).state_dict(), "weight_hr_l0": torch.zeros(2, 4), "weight_hh_l0": torch.zeros(12, 2)},
+         "only an LSTM projects"),
+        (lambda: {**nn.GRU(3, 4, bidirectional=True).state_dict(), "weight_ih_l0_reverse": torch.zeros(12, 5)},
+         "differ from the forward direction"),
+    ],
+    ids=["reverse-missing", "proj-shape", "proj-on-gru", "reverse-shape"],
+)
+def test_broken_projection_and_reverse_tensors_are_refused(tmp_path, state, message):
+    torch.save(state(), tmp_path / "ckpt.pt")
+    with pytest.raises(ConversionError, match=message):
+        from_torch(tmp_path / "ckpt.pt")
+
+
+# ---- TorchScript ------------------------------------------------------------------------------------
+
+
+class _Scriptable(nn.Module):
+    """A recurrent layer and then the rest in order, written so that TorchScript can script it."""
+
+    def __init__(self, rnn, *rest):
+        super().__init__()
+        self.rnn = rnn
+        self.rest = nn.Sequential(*rest)
+
+    def forward(self, x):
+        return self.rest(self.rnn(x)[0])
+
+
+def _script(module, how, batch_first, input_size):
+    if how == "script":
+        return torch.jit.script(module)
+    example = torch.zeros((1, 7, input_size) if batch_first else (7, 1, input_size))
+    return torch.jit.trace(module, example)
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["seq-first", "batch-first"])
+def test_torchscript_files_convert_and_verify(tmp_path, how, batch_first):
+    module = _Scriptable(make_recurrent("lstm", None, 3, 16, 2, True, batch_first, bidirectional=True, proj_size=4),
+                         linear(8, 3), nn.Sigmoid()).eval()
+    path = tmp_path / f"{how}.pt"
+    torch.jit.save(_script(module, how, batch_first, 3), path)
+    model = from_torch(path)  # no trust_pickle: TorchScript is not pickle
+    assert [d.activation.name for d in model.spec.head] == ["sigmoid"]
+    check_variant(model, module, sequence(STEPS, 3), batch_first, True)
+
+
+def test_scripted_module_in_memory_and_a_classifier():
+    module = Classifier(batch_first=True).eval()
+    model = from_torch(torch.jit.script(module))
+    xs = sequence(STEPS, 4)
+    assert_parity(model, torch_outputs(module, xs, True), xs)
+
+
+def test_traced_rnn_nonlinearity_is_found_by_verification(tmp_path):
+    """A traced nn.RNN keeps no nonlinearity: tanh is tried, then relu, and the one that matches wins."""
+    module = _Scriptable(make_recurrent("rnn", "relu", 3, 12, 2, True, False), linear(12, 2)).eval()
+    torch.jit.save(_script(module, "trace", False, 3), tmp_path / "traced.pt")
+    model = from_torch(tmp_path / "traced.pt")
+    assert [a.name for a in model.spec.layers[0].activations] == ["relu"]
+    xs = sequence(STEPS, 3)
+    assert_parity(model, torch_outputs(module, xs, False), xs)
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = make_recurrent("gru", None, 3, 8, 1, True, False)
+
+    def forward(self, x, scale: float):
+        return self.rnn(x)[0] * scale
+
+
+def test_torchscript_forward_that_takes_more_is_converted_unverified(tmp_path, caplog):
+    torch.jit.save(torch.jit.script(_TwoInputs().eval()), tmp_path / "two.pt")
+    with caplog.at_level("WARNING"):
+        model = from_torch(tmp_path / "two.pt")
+    assert "WITHOUT verification" in caplog.text and model.output_size == 8
+
+
+def test_torchscript_doing_something_else_is_refused(tmp_path):
+    module = _Wrapped(make_recurrent("gru", None, 6, 6, 1, True, True), nn.Linear(6, 4), nn.Linear(4, 2),
+                      forward=_residual)
+
+    class Scriptable(nn.Module):  # TorchScript cannot script the stored Python callable: write it out
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.rest = module.rnn, module.rest
+
+        def forward(self, x):
+            return self.rest(self.rnn(x)[0] + x)
+
+    torch.jit.save(torch.jit.script(Scriptable().eval()), tmp_path / "residual.pt")
+    with pytest.raises(ConversionError, match="does not match the converted model"):
+        from_torch(tmp_path / "residual.pt")
+
+
+def test_torchscript_with_an_unknown_child_is_refused_by_its_name(tmp_path):
+    module = _Scriptable(nn.GRU(3, 8), nn.LayerNorm(8), nn.Linear(8, 2)).eval()
+    torch.jit.save(_script(module, "trace", False, 3), tmp_path / "ln.pt")
+    with pytest.raises(ConversionError, match="LayerNorm is not something edgernn models"):
+        from_torch(tmp_path / "ln.pt")
+
+
+# ---- package.module:factory ---------------------------------------------------------------------------
+
+FACTORY_SOURCE = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, hidden=16):
+        super().__init__()
+        self.rnn = nn.LSTM(3, hidden, num_layers=2, proj_size=6, batch_first=True)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.fc(self.rnn(x)[0])
+
+
+def make():
+    return Net()
+
+
+def not_a_module():
+    return 42
+
+
+def broken():
+    raise RuntimeError("no GPU here")
+'''
+
+
+@pytest.fixture
+def factory_module(tmp_path, monkeypatch):
+    """A module on sys.path with factories, and the state dict of one trained (here: re-drawn) instance."""
+    name = f"edgernn_factory_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(FACTORY_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(3)
+    trained = importlib.import_module(name).make().eval()
+    with torch.no_grad():
+        for parameter in trained.parameters():
+            parameter.normal_(0.0, 0.4)
+    torch.save(trained.state_dict(), tmp_path / "weights.pt")
+    return name, tmp_path / "weights.pt", trained
+
+
+def test_factory_with_weights_matches_the_trained_module(factory_module):
+    name, weights, trained = factory_module
+    model = from_torch(f"{name}:make", weights=weights)
+    assert model.spec.layers[0].proj_size == 6
+    xs = sequence(STEPS, 3)
+    assert_parity(model, torch_outputs(trained, xs, True), xs)
+
+
+@pytest.mark.parametrize(
+    ("source", "use_weights", "message"),
+    [
+        ("edgernn_no_such_module:make", True, "cannot import edgernn_no_such_module"),
+        ("{name}:missing", True, "has no missing"),
+        ("{name}:not_a_module", True, r"not_a_module\(\) returned int, not an nn.Module"),
+        ("{name}:broken", True, r"calling broken\(\) failed \(RuntimeError: no GPU here\)"),
+    ],
+    ids=["no-module", "no-factory", "not-a-module", "factory-fails"],
+)
+def test_factory_problems_are_named(factory_module, source, use_weights, message):
+    name, weights, _ = factory_module
+    with pytest.raises(ConversionError, match=message):
+        from_torch(source.format(name=name), weights=weights if use_weights else None)
+
+
+def test_factory_weights_that_do_not_fit_are_refused(factory_module, tmp_path):
+    name, _, _ = factory_module
+    torch.save(nn.GRU(3, 4).state_dict(), tmp_path / "other.pt")
+    with pytest.raises(ConversionError, match="other.pt: does not fit .*Missing key"):
+        from_torch(f"{name}:make", weights=tmp_path / "other.pt")
+
+
+def test_factory_weights_follow_the_pickle_rule(factory_module, tmp_path):
+    name, _, trained = factory_module
+    torch.save({"model": trained}, tmp_path / "pickled.pt")  # a whole module: pickled Python objects
+    with pytest.raises(ConversionError, match="pickled.pt: holds pickled Python objects.*trust_pickle"):
+        from_torch(f"{name}:make", weights=tmp_path / "pickled.pt")
+    model = from_torch(f"{name}:make", weights=tmp_path / "pickled.pt", trust_pickle=True)
+    xs = sequence(64, 3)
+    assert_parity(model, torch_outputs(trained, xs, True), xs)
+
+
+def test_weights_go_with_a_factory_only(tmp_path):
+    torch.save(nn.GRU(3, 4).state_dict(), tmp_path / "ckpt.pt")
+    with pytest.raises(ConversionError, match="goes with a 'package.module:factory' source"):
+        from_torch(tmp_path / "ckpt.pt", weights=tmp_path / "ckpt.pt")
