@@ -11,7 +11,7 @@ def from_torch(source, **options):
 
 
 def from_onnx(source):
-    """An ONNX file or ModelProto (as torch.onnx.export writes them) -> `edgernn.Model`.
+    """An ONNX file or ModelProto (torch.onnx.export, tf2onnx from Keras) -> `edgernn.Model`.
     See `edgernn.converters.onnx_import.from_onnx`."""
     from .onnx_import import from_onnx as _from_onnx
     return _from_onnx(source)

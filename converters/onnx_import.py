@@ -1,75 +1,60 @@
 """Whole ONNX graphs -> edgernn: ``from_onnx(path_or_ModelProto) -> Model`` and ``import_graph``.
 
-A graph is read, not run. The importer walks the nodes the outputs need, in graph order, and gives each
-value an abstract meaning: a constant (folded with ONNX's reference evaluator), a shape vector or a
-uniform fill computed from the input's shape (`onnx_graph.Sym`, `onnx_graph.Fill`), the data flowing
-from the graph input (`Flow`), or a recurrent layer's final state (`State`). Every op on the data flow
-must be one edgernn can express, in the order edgernn runs it:
+Tested on graphs from both of torch's exporters and from tf2onnx (Keras models). A graph is read, not run.
+The importer walks the nodes the outputs need, in graph order, and gives each value an abstract meaning: a
+constant (folded with ONNX's reference evaluator), a shape vector or a uniform fill computed from the
+input's shape (`onnx_values.Sym`, `onnx_values.Fill`), the data flowing from the graph input (`Flow`), or
+a recurrent layer's final state (`State`). Every op on the data flow must be one edgernn can express, in
+the order edgernn runs it:
 
     input normalisation (Sub/Div/Add/Mul by constants) -> LSTM | GRU | RNN nodes -> dense head
     (MatMul [+ Add], Gemm, Relu, Tanh, Sigmoid, Softmax over features, LeakyRelu, HardSigmoid, ...)
 
 with the layout glue exporters put between them (Transpose, Squeeze, Unsqueeze, Reshape, Slice, Gather,
-Identity, Dropout, Cast), which only relabels the axes a `Flow` carries: the two input axes ``X0``/``X1``
-(time and batch, told apart by the first recurrent node's layout), ``F`` features, ``D`` the two
-directions of a bidirectional node before the exporter folds them into the features, ``1`` unit axes.
-Anything else raises `ConversionError` naming the operator and node: never a silently different model.
+Concat, Identity, Dropout, Cast), which only relabels the axes a `Flow` carries: the two input axes
+``X0``/``X1`` (time and batch, told apart by the first recurrent node's layout; ``X0*X1`` the two merged
+for a 2-D MatMul), ``F`` features, ``D`` the two directions of a bidirectional node before the exporter
+folds them into the features (or slices and concatenates them back), ``1`` unit axes. Anything else
+raises `ConversionError` naming the operator and node: never a silently different model. The while-loops
+tf2onnx writes for Keras's SimpleRNN and GRU(reset_after=False) are read as RNN and GRU nodes first
+(`onnx_loops`); any other control flow is refused as such.
 
 A head that reads only the last time step (``fc(out[:, -1])``) becomes the head applied at every step
 (logged at INFO); `ImportedGraph.run` still returns only the last step, as the graph does.
-"""
 
+The modules, one job each: `onnx_graph` (loading, constants), `onnx_values` (the abstract values and the
+shape arithmetic on them), `onnx_unrolled` (the dynamo exporter's unrolled RNN folded into RNN nodes),
+`onnx_loops` (Keras's while-loops folded into RNN and GRU nodes), `onnx_layout` (the layout glue),
+`onnx_chain` (normalisation and dense head), `onnx_ops` (one recurrent operator -> one layer),
+`onnx_imported` (running the imported graph); this one walks the graph.
+"""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from edgernn.errors import ConversionError, InputError, SpecError
+from edgernn.errors import ConversionError
 from edgernn.model import Model
-from edgernn.spec import DenseLayer, ModelSpec
 
 from . import onnx_graph
-from .onnx_graph import ARITHMETIC, BIG, Fill, NodeReader, Sym
+from .onnx_chain import ACTIVATIONS, ChainBuilder
+from .onnx_imported import ImportedGraph
+from .onnx_layout import LayoutReader
+from .onnx_loops import fold_keras_loops
 from .onnx_ops import OPS, pack_initial_state, recurrent_node
+from .onnx_unrolled import fold_unrolled_rnns
+from .onnx_values import ARITHMETIC, INPUT_AXES, Fill, Flow, State, Sym, components
 
 log = logging.getLogger(__name__)
 
-INPUT_AXES = ("X0", "X1")
 PASS = {"Identity", "Dropout", "Cast"}
-ACTIVATIONS = {
-    # ONNX op -> (edgernn activation, ONNX attribute defaults (alpha, beta) or None)
-    "Relu": ("relu", None), "Tanh": ("tanh", None), "Sigmoid": ("sigmoid", None),
-    "LeakyRelu": ("leaky_relu", (0.01, None)), "HardSigmoid": ("hard_sigmoid", (0.2, 0.5)),
-    "Elu": ("elu", (1.0, None)), "ThresholdedRelu": ("thresholded_relu", (1.0, None)),
-    "Softsign": ("softsign", None), "Softplus": ("softplus", None), "Softmax": ("softmax", None),
-}
-
-
-@dataclass(frozen=True)
-class Flow:
-    """Data computed from graph input ``source``: ``axes`` ((label, size), ...) as described above;
-    ``version`` the model-building step it was computed at; ``last`` when time was cut to its last step."""
-
-    source: str
-    axes: tuple
-    version: int
-    last: bool = False
-
-
-@dataclass(frozen=True)
-class State:
-    """Final recurrent states stacked on the ``S`` axis: ``parts`` ((layer, direction, "h"|"c"), ...)."""
-
-    parts: tuple
-    axes: tuple
-    version: int
+CONTROL_FLOW = {"Loop", "Scan", "If"}
 
 
 def from_onnx(source) -> Model:
-    """An ONNX file or ModelProto of a recurrent model, as ``torch.onnx.export`` writes them -> `Model`."""
+    """An ONNX file or ModelProto of a recurrent model (``torch.onnx.export``, tf2onnx from Keras) -> `Model`."""
     imported = import_graph(source)
     if imported.initial_rows is not None:
         raise ConversionError(f"{imported.label}: the graph starts its recurrent layers from a non-zero constant "
@@ -83,83 +68,7 @@ def import_graph(source) -> ImportedGraph:
     return _Reader(model, label).read()
 
 
-class ImportedGraph:
-    """The edgernn `Model` of a graph, and ``run(feeds)`` computing the graph's outputs with it."""
-
-    def __init__(self, model, label, source, time, batch, sizes, outputs, initial_rows):
-        self.model, self.label, self.input_name = model, label, source
-        self._time, self._batch, self._sizes = time, batch, sizes
-        self._outputs = outputs
-        self.initial_rows = initial_rows
-        """(B, state_size) constant starting rows the graph holds, or None for the model's rest state."""
-
-    def run(self, feeds: dict) -> list[np.ndarray]:
-        """``feeds[input name]`` (time and batch axes as the graph has them) -> every graph output, in order.
-        Each batch element runs through `Model.run` with its own state row."""
-        if self.input_name not in feeds:
-            raise InputError(f"{self.label}: feed {self.input_name!r} missing (got {', '.join(map(repr, feeds))})")
-        x = np.asarray(feeds[self.input_name])
-        if x.ndim != 3:
-            raise InputError(f"{self.input_name}: expected 3 dimensions, got shape {x.shape}")
-        for axis, label in enumerate(INPUT_AXES + ("F",)):
-            want = self._sizes.get(label)
-            if want is not None and x.shape[axis] != want:
-                raise InputError(f"{self.input_name}: axis {axis} must be {want} in this graph, got shape {x.shape}")
-        xs = np.ascontiguousarray(np.moveaxis(x, (INPUT_AXES.index(self._time), INPUT_AXES.index(self._batch)),
-                                              (0, 1)), np.float32)
-        T, B = xs.shape[:2]
-        if self.initial_rows is not None and len(self.initial_rows) != B:
-            raise InputError(f"{self.input_name}: the graph's constant initial state is for batch "
-                             f"{len(self.initial_rows)}, got batch {B}")
-        rows = self.model.new_state(batch=B)
-        if self.initial_rows is not None:
-            rows[:] = self.initial_rows
-        ys = np.empty((T, B, self.model.output_size), np.float32)
-        for b in range(B):
-            ys[:, b] = self.model.run(xs[:, b], rows[b])
-        return [self._flow_output(ys, axes, last) if kind == "flow" else self._state_output(rows, axes, parts)
-                for kind, axes, last, parts in self._outputs]
-
-    def _flow_output(self, ys, axes, last):
-        names = [self._time, self._batch, "F"]
-        if any(label == "D" for label, _ in axes):
-            ys, names = ys.reshape(ys.shape[0], ys.shape[1], 2, -1), [self._time, self._batch, "D", "F"]
-        if last:
-            ys, names = ys[-1], names[1:]
-        return _arrange(ys, names, axes)
-
-    def _state_output(self, rows, axes, parts):
-        offsets = _state_offsets(self.model.spec)
-        pieces = [rows[:, offsets[part][0]:offsets[part][1]] for part in parts]
-        return _arrange(np.stack(pieces, axis=1), [self._batch, "S", "F"], axes)
-
-
-def _arrange(array, names, axes):
-    """``array`` with axes ``names`` -> the layout ``axes`` asks for (units inserted, an S of 1 dropped)."""
-    if "S" in names and not any(label == "S" for label, _ in axes):
-        array, names = array[:, 0], [n for n in names if n != "S"]
-    order = [names.index(label) for label, _ in axes if label != "1"]
-    array = array.transpose(order)
-    shape, it = [], iter(array.shape)
-    for label, _ in axes:
-        shape.append(1 if label == "1" else next(it))
-    return np.ascontiguousarray(array.reshape(shape), np.float32)
-
-
-def _state_offsets(spec) -> dict:
-    """(layer, direction, "h"|"c") -> (start, end) in a state row (see `edgernn.spec`)."""
-    offsets, at = {}, 0
-    for index, layer in enumerate(spec.layers):
-        for d in range(layer.directions):
-            offsets[(index, d, "h")] = (at, at + layer.unit_output_size)
-            at += layer.unit_output_size
-            if layer.cell == "lstm":
-                offsets[(index, d, "c")] = (at, at + layer.hidden_size)
-                at += layer.hidden_size
-    return offsets
-
-
-class _Reader(NodeReader):
+class _Reader(ChainBuilder, LayoutReader):
     """One pass over a graph: abstract values in ``env``, the model assembled as the flow passes."""
 
     def __init__(self, model, label):
@@ -167,7 +76,9 @@ class _Reader(NodeReader):
         self.name = graph.name if label.startswith("graph ") else Path(label).stem
         self.constants = onnx_graph.constants_of(graph)
         nodes = [n for n in graph.node if n.op_type != "Constant"]
-        self.nodes, extra = onnx_graph.fold_unrolled_rnns(nodes, self.constants, [o.name for o in graph.output])
+        self.nodes, extra = fold_unrolled_rnns(nodes, self.constants, [o.name for o in graph.output])
+        self.constants.update(extra)
+        self.nodes, extra, self.loops = fold_keras_loops(self.nodes, self.constants, [o.name for o in graph.output])
         self.constants.update(extra)
         self.outputs = [o.name for o in graph.output]
         self.env: dict = dict(self.constants)
@@ -189,10 +100,18 @@ class _Reader(NodeReader):
         for node in reversed(self.nodes):
             if any(out in needed for out in node.output):
                 needed.update(name for name in node.input if name)
-        for node in self.nodes:
-            if any(out in needed for out in node.output):
+        walk = [node for node in self.nodes if any(out in needed for out in node.output)]
+        for node in walk:  # before the walk: the glue feeding a loop would fail first, less clearly
+            if node.op_type in CONTROL_FLOW and node.domain in ("", "ai.onnx"):
                 self.node = node
-                self._read(node)
+                why = self.loops.get(node.output[0] if node.output else None)
+                self.unsupported("control flow" + (f": not a Keras recurrent layer's while-loop edgernn reads "
+                                                   f"({why})" if why else "") +
+                                 "; edgernn reads ONNX's LSTM, GRU and RNN nodes, and the loops tf2onnx writes for "
+                                 "Keras's SimpleRNN and GRU(reset_after=False), not masked or reversed ones")
+        for node in walk:
+            self.node = node
+            self._read(node)
         return self._finish()
 
     def _sequence_inputs(self) -> set:
@@ -351,306 +270,6 @@ class _Reader(NodeReader):
             return [self._activation(op, values[0])]
         self.unsupported(f"on the data; edgernn reads input normalisation, LSTM/GRU/RNN nodes and a dense head")
 
-    def _with(self, x, axes, **changes):
-        return replace(x, axes=tuple(axes), **changes)
-
-    def _transpose(self, x, values):
-        perm = self.attr("perm", list(range(len(x.axes)))[::-1])
-        return self._with(x, [x.axes[p] for p in perm])
-
-    def _squeeze(self, x, values):
-        axes = self.axes_arg(values, 1, len(x.axes))
-        if axes is None:
-            self.fail("squeezes without axes (which depends on the run-time batch size)")
-        for a in axes:
-            if x.axes[a][1] != 1:
-                self.fail(f"squeezes axis {a} ({x.axes[a][0]}), which is not of size 1")
-        return self._with(x, [ax for i, ax in enumerate(x.axes) if i not in axes])
-
-    def _unsqueeze(self, x, values):
-        rank = len(x.axes) + len(self.axes_arg(values, 1, 0))
-        positions = sorted(self.axes_arg(values, 1, rank))
-        axes = list(x.axes)
-        for a in positions:
-            axes.insert(a, ("1", 1))
-        return self._with(x, axes)
-
-    def _flatten(self, x, values):
-        axis = self.attr("axis", 1)
-        axis = axis + len(x.axes) if axis < 0 else axis
-        return self._with(x, [self._merge(x.axes[:axis], x.axes, "Flatten"),
-                              self._merge(x.axes[axis:], x.axes, "Flatten")])
-
-    def _concat(self, x, values):
-        if not all(isinstance(v, State) for v in values):
-            self.unsupported("joining the data with something else")
-        axis = self.attr("axis")
-        axis = axis + len(x.axes) if axis < 0 else axis
-        rest = [[ax for i, ax in enumerate(v.axes) if i != axis] for v in values]
-        if any(r != rest[0] for r in rest) or any(v.axes[axis][0] not in ("S", "1") for v in values):
-            self.unsupported("of states along an axis other than their stacking axis")
-        parts = tuple(p for v in values for p in v.parts)
-        axes = list(x.axes)
-        axes[axis] = ("S", len(parts))
-        return State(parts, tuple(axes), max(v.version for v in values))
-
-    def _gather(self, x, values):
-        index = values[1]
-        if not isinstance(index, np.ndarray) or index.size != 1:
-            self.unsupported("with an index that is not one constant")
-        axis = self.attr("axis", 0)
-        axis = axis + len(x.axes) if axis < 0 else axis
-        i, keep = int(index.ravel()[0]), index.ndim > 0
-        return self._take(x, axis, i, i + 1 if i != -1 else BIG, keep)
-
-    def _slice(self, x, values):
-        starts, ends = self.ints(values[1], "starts"), self.ints(values[2], "ends")
-        axes = self.axes_arg(values, 3, len(x.axes)) or list(range(len(starts)))
-        steps = self.ints(values[4], "steps") if len(values) > 4 and values[4] is not None else [1] * len(starts)
-        for axis, start, end, step in zip(axes, starts, ends, steps):
-            if step != 1:
-                self.fail(f"steps by {step} along axis {axis} ({x.axes[axis][0]}): only step 1 is supported")
-            x = self._take(x, axis, start, end, True)
-        return x
-
-    def _take(self, x, axis, start, end, keep):
-        """Elements [start, end) of ``axis``; ``keep`` False drops the axis (one element, as Gather does)."""
-        label, size = x.axes[axis]
-        if isinstance(end, str):
-            end = BIG if end == size else None
-        if not isinstance(start, int) or not isinstance(end, int):
-            self.fail(f"takes a part of axis {axis} ({label}) computed at run time")
-        if isinstance(x, State) and label == "S":
-            s, e = slice(start, end).indices(len(x.parts))[:2]
-            axes = list(x.axes)
-            axes[axis] = ("S", max(0, e - s))
-            return State(x.parts[s:e], tuple(axes) if keep else tuple(axes[:axis] + axes[axis + 1:]), x.version)
-        known = self.sizes.get(size, size) if isinstance(size, str) else size
-        if isinstance(known, int):
-            s, e = slice(start, end).indices(known)[:2]
-            whole, last = e - s >= known, e - s == 1 and e == known
-        else:
-            whole, last = start == 0 and end >= BIG, start == -1 and end >= BIG
-        if whole and (keep or known == 1):
-            return self._with(x, x.axes if keep else x.axes[:axis] + x.axes[axis + 1:])
-        if not (last and isinstance(x, Flow) and label == self.time):
-            self.fail(f"takes elements [{start}:{end}] of axis {axis} ({label}); edgernn reads whole sequences, "
-                      f"all features, or the last time step")
-        axes = list(x.axes)
-        axes[axis] = ("1", 1)
-        return replace(x, axes=tuple(axes) if keep else tuple(axes[:axis] + axes[axis + 1:]), last=True)
-
-    def _reshape(self, x, values):
-        target = self.ints(values[1], "shape")
-        allowzero = self.attr("allowzero", 0)
-        axes = list(x.axes)
-        entries = []
-        for i, e in enumerate(target):
-            if e == 0 and not allowzero:
-                if i >= len(axes):
-                    self.fail(f"copies axis {i} of a {len(axes)}-axis value")
-                e = axes[i][1]
-            elif isinstance(e, str) and e not in INPUT_AXES:
-                self.fail("reshapes to a shape computed at run time")
-            entries.append(e)
-        if entries.count(-1) > 1:
-            self.fail("has more than one -1 in its shape")
-        k = entries.index(-1) if -1 in entries else None
-        left, right = (entries, []) if k is None else (entries[:k], entries[k + 1:])
-        out_left, i = self._match(axes, left)
-        out_right, j = self._match(axes[i:][::-1], right[::-1])
-        out_right = [group[::-1] for group in out_right[::-1]]
-        middle = axes[i:len(axes) - j]
-        if k is None and any(size != 1 for _, size in middle):
-            self.fail(f"reshapes {x.axes} to {target}")
-        groups = out_left + ([middle] if k is not None else []) + out_right
-        return self._with(x, [self._merge(group, x.axes, target) for group in groups])
-
-    def _match(self, axes, entries):
-        """Input axes grouped onto ``entries`` from the front -> (groups, axes consumed)."""
-        groups, i = [], 0
-        for e in entries:
-            if e == 1:
-                if i < len(axes) and axes[i][1] == 1:
-                    groups.append([axes[i]])
-                    i += 1
-                else:
-                    groups.append([])
-                continue
-            while i < len(axes) and axes[i][1] == 1 and axes[i][0] != e:
-                i += 1
-            if i >= len(axes):
-                self.fail(f"reshapes to {entries}, which does not fit the value's axes")
-            label, size = axes[i]
-            if isinstance(e, str) or isinstance(size, str):
-                want = self.sizes.get(e, e) if isinstance(e, str) else e
-                have = self.sizes.get(size, size) if isinstance(size, str) else size
-                if isinstance(e, int) and isinstance(have, str):
-                    self.sizes[size] = e  # the exporter baked this size in: the graph only runs with it
-                    log.info("%s: node %r reshapes with input axis %s fixed at %d: the graph only runs with "
-                             "that size (import_graph(...).run checks it); the edgernn model takes any",
-                             self.label, self.node.name, size, e)
-                elif e != size and not (isinstance(want, int) and want == have):
-                    self.fail(f"reshapes axis {label} to {e}")
-                groups.append([axes[i]])
-                i += 1
-                continue
-            group, product = [], 1
-            while product < e and i < len(axes) and isinstance(axes[i][1], int):
-                group.append(axes[i])
-                product *= axes[i][1]
-                i += 1
-            if product != e:
-                self.fail(f"reshapes to {entries}, which splits an axis")
-            groups.append(group)
-        return groups, i
-
-    def _merge(self, group, before, target):
-        real = [ax for ax in group if ax[1] != 1]
-        if not real:
-            return ("1", 1)
-        if len(real) == 1:
-            return real[0]
-        if [label for label, _ in real] == ["D", "F"]:
-            return ("F", 2 * real[1][1])  # bidirectional: forward's features, then reverse's
-        self.fail(f"reshapes {before} to {target}, merging axes {[label for label, _ in real]}")
-
-    def _state_as_flow(self, x: State):
-        """A head reading ``h_n[-1]`` of a forward top layer reads the output's last step."""
-        top = len(self.layers) - 1
-        if x.parts != ((top, 0, "h"),) or self.layers[top].direction != "forward" or \
-                any(label == "S" for label, _ in x.axes):
-            self.fail(f"computes on recurrent state {x.parts} (only a forward top layer's final h, which equals "
-                      f"its last output step, can feed the head)")
-        return Flow(self.source, x.axes, x.version, last=True)
-
-    # ---- model-building ops --------------------------------------------------------------------
-    def _at_tip(self, x: Flow, what: str):
-        if self.source is None:
-            self.source = x.source
-            self.sizes.update(self.input_sizes.get(x.source, {}))
-        elif x.source != self.source:
-            self.fail(f"reads graph input {x.source!r}; the model already reads {self.source!r}")
-        if x.version != self.version:
-            self.fail(f"{what} here would branch the model: this value is from an earlier stage than the "
-                      f"model built so far (a residual, a skip or a second head?)")
-
-    def _features(self, x: Flow, c: np.ndarray, what: str) -> np.ndarray:
-        """Constant ``c`` broadcast against ``x`` varying along the features only -> (F,) float64."""
-        f_axis = next((i for i, (label, _) in enumerate(x.axes) if label == "F"), None)
-        if f_axis is None or any(label == "D" for label, _ in x.axes):
-            self.fail(f"{what} on a value whose features are not one axis {x.axes}")
-        c = np.asarray(c, np.float64)
-        extra = c.ndim - len(x.axes)
-        if extra > 0 and any(d != 1 for d in c.shape[:extra]):
-            self.fail(f"{what}: constant of shape {c.shape} adds axes to the data")
-        shape = (1,) * max(0, -extra) + c.shape[max(0, extra):]
-        for i, d in enumerate(shape):
-            if d != 1 and (i != f_axis or d != x.axes[f_axis][1]):
-                self.fail(f"{what}: constant of shape {c.shape} varies along axis {i} ({x.axes[i][0]}), "
-                          f"not only the features")
-        return np.broadcast_to(c.reshape(-1), (x.axes[f_axis][1],)).copy() if c.size > 1 else \
-            np.full(x.axes[f_axis][1], float(c.reshape(-1)[0]) if c.size else 0.0)
-
-    def _arithmetic(self, op, values):
-        flows = [v for v in values if isinstance(v, Flow | State)]
-        if len(flows) != 1 or not all(isinstance(v, Flow | np.ndarray) for v in values):
-            self.unsupported("between two computed values" if len(flows) > 1 else "with a run-time operand")
-        x = next(v for v in values if isinstance(v, Flow))
-        first = values[0] is x
-        c = values[1] if first else values[0]
-        if op in ("Sub", "Div") and not first:
-            self.unsupported(f"with the data as its second operand")
-        vector = self._features(x, c, op)
-        extra = max(0, np.ndim(c) - len(x.axes))
-        x = self._with(x, (("1", 1),) * extra + x.axes)
-        self._at_tip(x, op)
-        if not self.layers:  # input normalisation: x' = (x - mean) / std
-            if self.mean is None:
-                self.mean, self.std = np.zeros_like(vector), np.ones_like(vector)
-            if op == "Sub":
-                self.mean = self.mean + vector * self.std
-            elif op == "Add":
-                self.mean = self.mean - vector * self.std
-            elif op == "Div":
-                self.std = self.std * vector
-            else:
-                self.std = self.std / vector
-        else:
-            dense = self._open_dense(x)
-            if op in ("Add", "Sub"):
-                dense[1] = (0 if dense[1] is None else dense[1]) + (vector if op == "Add" else -vector)
-            else:
-                scale = vector if op == "Mul" else 1.0 / vector
-                dense[0] = dense[0] * scale[:, None]
-                dense[1] = None if dense[1] is None else dense[1] * scale
-        return self._advance(x)
-
-    def _open_dense(self, x: Flow) -> list:
-        """The last dense layer when it has no activation yet, else a new identity one (exact: 1*x + 0)."""
-        if self.head and self.head[-1][2] is None:
-            return self.head[-1]
-        width = x.axes[-1][1]
-        self.head.append([np.eye(width), None, None])
-        return self.head[-1]
-
-    def _advance(self, x: Flow) -> Flow:
-        self.version += 1
-        return replace(x, version=self.version)
-
-    def _head_input(self, x, what):
-        if not isinstance(x, Flow):
-            self.fail(f"{what} takes the data as its first operand")
-        self._at_tip(x, what)
-        if not self.layers:
-            self.fail(f"{what} before the recurrent layers is not something edgernn models")
-        if x.axes[-1][0] != "F" or any(label == "D" for label, _ in x.axes):
-            self.fail(f"{what} on a value whose last axis is not the features {x.axes}")
-        return x
-
-    def _matmul(self, values):
-        x, W = values
-        if isinstance(W, Flow | State) or not isinstance(W, np.ndarray):
-            self.unsupported("between two computed values" if isinstance(W, Flow | State) else "")
-        x = self._head_input(x, "MatMul")
-        if W.ndim != 2 or W.shape[0] != x.axes[-1][1]:
-            self.fail(f"multiplies {x.axes[-1][1]} features by a constant of shape {W.shape}")
-        self.head.append([np.asarray(W, np.float64).T, None, None])
-        return self._advance(self._with(x, x.axes[:-1] + (("F", W.shape[1]),)))
-
-    def _gemm(self, values):
-        x, B = values[0], values[1]
-        C = values[2] if len(values) > 2 else None
-        if not isinstance(B, np.ndarray) or not (C is None or isinstance(C, np.ndarray)):
-            self.unsupported("with a computed weight")
-        x = self._head_input(x, "Gemm")
-        if self.attr("transA", 0) or len(x.axes) != 2:
-            self.fail("Gemm must read a (batch, features) value untransposed")
-        alpha, beta = self.attr("alpha", 1.0), self.attr("beta", 1.0)
-        W = alpha * np.asarray(B, np.float64)
-        W = W if self.attr("transB", 0) else W.T
-        if W.shape[1] != x.axes[-1][1]:
-            self.fail(f"multiplies {x.axes[-1][1]} features by a weight of shape {B.shape}")
-        out = self._with(x, x.axes[:-1] + (("F", W.shape[0]),))
-        b = None if C is None else self._features(out, beta * np.asarray(C, np.float64), "Gemm bias")
-        self.head.append([W, b, None])
-        return self._advance(out)
-
-    def _activation(self, op, x):
-        x = self._head_input(x, op)
-        name, defaults = ACTIVATIONS[op]
-        alpha = beta = None
-        if defaults:
-            alpha = self.attr("alpha", defaults[0])
-            beta = self.attr("beta", defaults[1]) if defaults[1] is not None else None
-        if op == "Softmax":
-            axis = self.attr("axis", -1 if self.opset >= 13 else 1)
-            if (axis + len(x.axes) if axis < 0 else axis) != len(x.axes) - 1:
-                self.fail(f"Softmax over axis {axis}, not the features (the last axis)")
-        dense = self._open_dense(x)
-        dense[2] = (name, alpha, beta)
-        return self._advance(x)
-
     # ---- the result ----------------------------------------------------------------------------
     def _finish(self) -> ImportedGraph:
         self.node = None
@@ -660,6 +279,10 @@ class _Reader(NodeReader):
         for name in self.outputs:
             value = self.env.get(name)
             if isinstance(value, Flow):
+                if value.half is not None or any(components(label) for label, _ in value.axes):
+                    raise ConversionError(f"{self.label}: output {name!r} is one direction of a bidirectional "
+                                          f"output or has time and batch merged into one axis {value.axes}; "
+                                          f"edgernn writes (time, batch, features) outputs")
                 if value.version != self.version:
                     raise ConversionError(f"{self.label}: output {name!r} is an intermediate value of the model "
                                           f"(edgernn computes one output: the end of the chain)")
@@ -683,24 +306,3 @@ class _Reader(NodeReader):
             rows = np.concatenate([pack_initial_state(layer, h, c, B, layout)
                                    for layer, (h, c, layout) in zip(self.layers, self.initial)], axis=1)
         return ImportedGraph(model, self.label, self.source, self.time, self.batch, self.sizes, outputs, rows)
-
-    def _model(self) -> Model:
-        weights = dict(self.weights)
-        dense = []
-        for j, (W, b, act) in enumerate(self.head):
-            name, alpha, beta = act if act is not None else ("identity", None, None)
-            dense.append(DenseLayer(W.shape[1], W.shape[0], bias=b is not None,
-                                    activation={"name": name, "alpha": alpha, "beta": beta}))
-            weights[f"head.{j}.W"] = W.astype(np.float32)
-            if b is not None:
-                weights[f"head.{j}.b"] = np.asarray(b, np.float32)
-        if self.mean is not None:
-            if not (self.std > 0).all():
-                raise ConversionError(f"{self.label}: the input normalisation divides by a non-positive scale")
-            weights["input.mean"], weights["input.std"] = self.mean.astype(np.float32), self.std.astype(np.float32)
-        try:
-            spec = ModelSpec(self.layers[0].input_size, tuple(self.layers), tuple(dense),
-                             normalize=self.mean is not None, name=self.name)
-            return Model(spec, weights)
-        except SpecError as exc:
-            raise ConversionError(f"{self.label}: the graph reads as an invalid edgernn model ({exc})") from None
