@@ -55,15 +55,14 @@ def _optional(weights, at, size):
     return weights[at:at + size] if at >= 0 else weights[:0]
 
 
-@njit(**KERNEL_OPTIONS)
+@njit(**INLINE_OPTIONS)
 def unit_step(unit, inp, tile, S, weights, meta, work):
     """Advance a tile of S streams one step through one unit (one direction of one layer), in place.
 
     inp (S, I); tile holds the streams' states, each state vector (h, and c for an LSTM) stored as an
     (S, width) block at ``S * row_offset`` -- for S = 1 exactly a state row. Returns the unit's new h,
-    an (S, Hp) view into the tile.
+    an (S, Hp) view into the tile. Inlined into its callers: a returned array costs a reference count.
     """
-    gates_at = S * (meta[H_INPUT] + meta[H_STATE])
     base = HEADER + ROW * unit
     kind, I, H, offset, HP = meta[base + U_KIND], meta[base + U_INPUT], meta[base + U_HIDDEN], \
         meta[base + U_STATE], meta[base + U_OUT]
@@ -76,18 +75,20 @@ def unit_step(unit, inp, tile, S, weights, meta, work):
     acts = meta[base + U_ACT_F:base + U_ACT_H + 1]
     params = weights[meta[base + U_PARAMS]:meta[base + U_PARAMS] + 7]
     h = tile[S * offset:S * (offset + HP)]
+    gates_at = S * (meta[H_INPUT] + meta[H_STATE])
     gates = work[gates_at:gates_at + S * G * H]
-    spare = work[gates_at + S * G * H:gates_at + 2 * S * G * H]
-    scratch = work[gates_at + 2 * S * G * H:gates_at + 2 * S * G * H + S * H]
+    scratch_at = gates_at + 2 * S * G * H
     if kind == LSTM:
         c = tile[S * (offset + HP):S * (offset + HP + H)]
         P = _optional(weights, meta[base + U_EXTRA], (2 if coupled else 3) * H)
         projT = _optional(weights, meta[base + U_PROJ], H * HP)
-        lstm_layer(inp, h, c, WT, RT, bW, bR, P, projT, coupled, acts, params, gates, scratch, S, I, H, HP)
+        lstm_layer(inp, h, c, WT, RT, bW, bR, P, projT, coupled, acts, params, gates,
+                   work[scratch_at:scratch_at + S * H], S, I, H, HP)
     elif kind == GRU or kind == GRU_RESET_FIRST:
-        gru_layer(inp, h, WT, RT, bW, bR, kind == GRU, acts, params, gates, spare, scratch, S, I, H)
+        gru_layer(inp, h, WT, RT, bW, bR, kind == GRU, acts, params, gates,
+                  work[gates_at + S * G * H:scratch_at], work[scratch_at:scratch_at + S * H], S, I, H)
     elif kind == MGU:
-        mgu_layer(inp, h, WT, RT, bW, bR, acts, params, gates, scratch, S, I, H)
+        mgu_layer(inp, h, WT, RT, bW, bR, acts, params, gates, work[scratch_at:scratch_at + S * H], S, I, H)
     elif kind == LEAKY:
         leak = weights[meta[base + U_EXTRA]:meta[base + U_EXTRA] + H]
         leaky_layer(inp, h, WT, RT, bW, bR, leak, acts, params, gates, S, I, H)
@@ -102,7 +103,8 @@ def head(inp, width, S, weights, meta, work, out):
     n_units, n_dense, max_dense = meta[H_UNITS], meta[H_DENSE], meta[H_MAX_DENSE]
     dense_at = S * (meta[H_INPUT] + meta[H_STATE] + 2 * meta[H_MAX_GATES] + meta[H_MAX_HIDDEN])
     if n_dense == 0:
-        out[:S * width] = inp[:S * width]
+        for j in range(S * width):  # a loop, not a slice assignment: that compiles a shape check and a raise
+            out[j] = inp[j]
     for d in range(n_dense):
         base = HEADER + ROW * (n_units + d)
         act, K, N = meta[base], meta[base + 1], meta[base + 2]
@@ -251,7 +253,8 @@ def run_layers(xs, state, weights, meta, work, ys):
         for step in range(T):
             t = T - 1 - step if flags & F_REVERSE else step
             h = unit_step(unit, seq_in[t * stride:t * stride + width], state, one, weights, meta, work)
-            seq_out[t * stride + column:t * stride + column + HP] = h[:HP]
+            for j in range(HP):
+                seq_out[t * stride + column + j] = h[j]
         column += HP
         if unit + 1 == n_units or not meta[base + ROW + U_FLAGS] & F_SECOND:  # the layer is complete
             seq_in, seq_out, width = seq_out, seq_in, column

@@ -127,8 +127,8 @@ def activate(x, code, alpha, beta):
 
 @njit(**INLINE_OPTIONS)
 def activate_into(out, v, code, alpha, beta):
-    """out[:] = activation(v) (``out`` may be ``v``): separate loops for the common functions, so each
-    vectorises."""
+    """out[:] = activation(v) (``out`` may be ``v``). The common functions get their own inlined loops,
+    which vectorise; the others share one compiled loop, which keeps every call site small (compile time)."""
     n = v.shape[0]
     if code == SIGMOID:
         for j in range(n):
@@ -140,8 +140,13 @@ def activate_into(out, v, code, alpha, beta):
         for j in range(n):
             out[j] = max(v[j], np.float32(0.0))
     else:
-        for j in range(n):
-            out[j] = activate(v[j], code, alpha, beta)
+        _activate_any(out, v, code, alpha, beta)
+
+
+@njit(**KERNEL_OPTIONS)
+def _activate_any(out, v, code, alpha, beta):
+    for j in range(v.shape[0]):
+        out[j] = activate(v[j], code, alpha, beta)
 
 
 @njit(**INLINE_OPTIONS)
