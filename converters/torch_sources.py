@@ -68,12 +68,7 @@ def load(source, *, weights=None, trust_pickle: bool = False, nonlinearity=None)
         except Exception as exc:  # noqa: BLE001 -- torch reports a broken archive with many exception types
             raise ConversionError(f"{path}: not a TorchScript file torch can read ({_first_line(exc)})") from None
         return _script_source(script, str(path), nonlinearity)
-    loaded = load_checkpoint(path, trust_pickle)
-    if isinstance(loaded, Mapping):
-        for key in NESTED_KEYS:
-            if isinstance(loaded.get(key), Mapping | nn.Module):
-                loaded = loaded[key]
-                break
+    loaded = unnest(load_checkpoint(path, trust_pickle))
     if isinstance(loaded, nn.Module):
         return _module_source(loaded, f"{path} (a pickled {type(loaded).__name__})", "pickled module")
     if not isinstance(loaded, Mapping) or not all(torch.is_tensor(value) for value in loaded.values()):
@@ -158,12 +153,7 @@ def _factory_source(text: str, match, weights, trust_pickle: bool) -> TorchSourc
     if weights is None:
         log.warning("%s: no weights given: converting the module as the factory built it", text)
     else:
-        state = load_checkpoint(Path(weights), trust_pickle)
-        if isinstance(state, Mapping):
-            for key in NESTED_KEYS:
-                if isinstance(state.get(key), Mapping | nn.Module):
-                    state = state[key]
-                    break
+        state = unnest(load_checkpoint(Path(weights), trust_pickle))
         if isinstance(state, nn.Module):
             state = state.state_dict()
         if not isinstance(state, Mapping):
@@ -179,3 +169,12 @@ def _factory_source(text: str, match, weights, trust_pickle: bool) -> TorchSourc
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def unnest(loaded):
+    """A training checkpoint's model: the state dict or module under one of `NESTED_KEYS`, else ``loaded``."""
+    if isinstance(loaded, Mapping):
+        for key in NESTED_KEYS:
+            if isinstance(loaded.get(key), Mapping | nn.Module):
+                return loaded[key]
+    return loaded

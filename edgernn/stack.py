@@ -211,15 +211,24 @@ def step_one(x, state, weights, meta, work, y):
     return OK
 
 
-@njit(**KERNEL_OPTIONS)
-def run_sequence(xs, state, weights, meta, work, ys):
-    """One stream, T samples: xs (T, I) -> ys (T, O), state (state_size,) advanced T steps."""
+@njit(**INLINE_OPTIONS)
+def _check_sequence(xs, state, meta, ys):
+    """Shapes of a one-stream sequence call, and finite inputs."""
     if xs.shape[1] != meta[H_INPUT] or ys.shape[0] != xs.shape[0] or ys.shape[1] != meta[H_OUTPUT]:
         return BAD_INPUT_SHAPE
     if state.shape[0] != meta[H_STATE]:
         return BAD_STATE_SHAPE
     if not _all_finite(xs):
         return NOT_FINITE
+    return OK
+
+
+@njit(**KERNEL_OPTIONS)
+def run_sequence(xs, state, weights, meta, work, ys):
+    """One stream, T samples: xs (T, I) -> ys (T, O), state (state_size,) advanced T steps."""
+    status = _check_sequence(xs, state, meta, ys)
+    if status != OK:
+        return status
     n_in = meta[H_INPUT]
     one = state.shape[0] // meta[H_STATE]  # see step_one
     for t in range(xs.shape[0]):
@@ -233,12 +242,9 @@ def run_layers(xs, state, weights, meta, work, ys):
     """One stream, T samples, layer after layer over the whole sequence -- what reverse and bidirectional
     units need. xs (T, I) -> ys (T, O); each unit's final state is left in ``state`` (a reverse unit's
     is the one after reading xs[0]). A bidirectional layer hands on [forward h | reverse h] per step."""
-    if xs.shape[1] != meta[H_INPUT] or ys.shape[0] != xs.shape[0] or ys.shape[1] != meta[H_OUTPUT]:
-        return BAD_INPUT_SHAPE
-    if state.shape[0] != meta[H_STATE]:
-        return BAD_STATE_SHAPE
-    if not _all_finite(xs):
-        return NOT_FINITE
+    status = _check_sequence(xs, state, meta, ys)
+    if status != OK:
+        return status
     T, stride, width = xs.shape[0], meta[H_MAX_WIDTH], meta[H_INPUT]
     seq_in = np.zeros(T * stride, np.float32)  # (T, stride): each step's input to the current layer
     seq_out = np.zeros(T * stride, np.float32)
