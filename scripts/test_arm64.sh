@@ -15,8 +15,9 @@
 #   EDGERNN_ARM64_MIRROR   Debian mirror for the root (default http://deb.debian.org/debian)
 #   EDGERNN_ARM64_TIMEOUT  seconds pytest may run before it is stopped (default 5400)
 #
-# Only the runtime deps are installed in the root (`pip install -e '.[mqtt]' pytest`): no torch, onnx
-# or onnxruntime. Conversion is a workstation job, and the tests that need torch skip themselves.
+# Only the runtime deps are installed in the root (`pip install -e '.[mqtt]' pytest`), plus onnx, so
+# ONNX's own LSTM/GRU/RNN test cases (tests/test_onnx_backend.py) check the kernels on aarch64 too: no
+# torch or onnxruntime. Conversion is a workstation job, and the tests that need them skip themselves.
 #
 # onnxruntime: under Debian 12's qemu (7.2) the guest reads the host's x86 /proc/cpuinfo, and
 # onnxruntime's CPU detection crashes on import. If onnxruntime is ever installed here, bind-mount a
@@ -121,7 +122,7 @@ rsync -a --delete \
 digest=$(cd "$ROOTFS$SRC" && find edgernn -name '*.py' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum \
          | sha256sum | cut -c1-16)
 # The venv is rebuilt only when pyproject.toml changes.
-deps_stamp=$(sha256sum "$REPO/pyproject.toml" | cut -c1-16)
+deps_stamp=$( (sha256sum "$REPO/pyproject.toml"; echo onnx) | sha256sum | cut -c1-16)
 
 # --- run a command inside the root -------------------------------------------------------------------
 # A private mount namespace (and PID namespace) holds /proc, /sys and /dev: they vanish when the command
@@ -156,8 +157,8 @@ if [ "$(cat "$ROOTFS$VENV/.edgernn-deps" 2>/dev/null)" != "$deps_stamp" ]; then
         rm -rf "$1"
         python3 -m venv "$1"
         cd "$2"
-        "$1/bin/python" -m pip install -q --only-binary=numpy,numba,llvmlite,safetensors \
-            -e ".[mqtt]" pytest
+        "$1/bin/python" -m pip install -q --only-binary=numpy,numba,llvmlite,safetensors,onnx \
+            -e ".[mqtt]" pytest onnx
         echo "$3" > "$1/.edgernn-deps"' _ "$VENV" "$SRC" "$deps_stamp"
 fi
 
