@@ -50,12 +50,6 @@ def work_size(meta, streams):
 
 
 @njit(**INLINE_OPTIONS)
-def _optional(weights, at, size):
-    """The ``size`` floats at ``at``, or an empty array when the tensor is absent (offset -1)."""
-    return weights[at:at + size] if at >= 0 else weights[:0]
-
-
-@njit(**INLINE_OPTIONS)
 def unit_step(unit, inp, tile, S, weights, meta, work):
     """Advance a tile of S streams one step through one unit (one direction of one layer), in place.
 
@@ -80,9 +74,8 @@ def unit_step(unit, inp, tile, S, weights, meta, work):
     scratch_at = gates_at + 2 * S * G * H
     if kind == LSTM:
         c = tile[S * (offset + HP):S * (offset + HP + H)]
-        P = _optional(weights, meta[base + U_EXTRA], (2 if coupled else 3) * H)
-        projT = _optional(weights, meta[base + U_PROJ], H * HP)
-        lstm_layer(inp, h, c, WT, RT, bW, bR, P, projT, coupled, acts, params, gates,
+        lstm_layer(inp, h, c, WT, RT, bW, bR, weights, meta[base + U_EXTRA], meta[base + U_PROJ], coupled, acts,
+                   params, gates,
                    work[scratch_at:scratch_at + S * H], S, I, H, HP)
     elif kind == GRU or kind == GRU_RESET_FIRST:
         gru_layer(inp, h, WT, RT, bW, bR, kind == GRU, acts, params, gates,
@@ -97,7 +90,7 @@ def unit_step(unit, inp, tile, S, weights, meta, work):
     return h
 
 
-@njit(**KERNEL_OPTIONS)
+@njit(**INLINE_OPTIONS)
 def head(inp, width, S, weights, meta, work, out):
     """The dense layers on inp (S, width) into out (S, O); without any, out is a copy of inp."""
     n_units, n_dense, max_dense = meta[H_UNITS], meta[H_DENSE], meta[H_MAX_DENSE]

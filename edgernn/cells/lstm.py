@@ -47,14 +47,15 @@ def lstm_reference(x, h, c, W, R, Wb, Rb, P=None, proj=None, coupled=False,
 
 
 @njit(**KERNEL_OPTIONS)
-def lstm_layer(inp, h, c, WT, RT, bW, bR, P, projT, coupled, acts, params, gates, hc, S, I, H, HP):
+def lstm_layer(inp, h, c, WT, RT, bW, bR, weights, peep_at, proj_at, coupled, acts, params, gates, hc, S, I, H, HP):
     """Flat row-major tiles: inp (S, I); h (S, HP), c (S, H) advanced in place; WT (I, G*H), RT (HP, G*H);
-    P the peepholes (empty: none); projT (H, HP) the transposed projection (empty: none, HP = H);
-    gates (S, G*H) and hc (S, H) scratch. ``acts`` [f, g, h] codes; ``params`` [alpha_f, beta_f, alpha_g,
-    beta_g, alpha_h, beta_h, clip]."""
+    the peepholes at ``weights[peep_at:]`` and the transposed projection (H, HP) at ``weights[proj_at:]``
+    (offsets -1: none; offsets, not arrays, so the common LSTM builds no views of them); gates (S, G*H)
+    and hc (S, H) scratch. ``acts`` [f, g, h] codes; ``params`` [alpha_f, beta_f, alpha_g, beta_g,
+    alpha_h, beta_h, clip]."""
     G = (3 if coupled else 4) * H
     gate_preactivations(inp, h, WT, RT, bW, bR, gates, S, I, HP, G)
-    bound, peep, project = params[6], P.shape[0] > 0, projT.shape[0] > 0
+    bound, peep, project = params[6], peep_at >= 0, proj_at >= 0
     for s in range(S):
         # Separate passes, each touching few arrays: LLVM vectorises a loop only when it can check every
         # pair of arrays it reads and writes for overlap at run time, and gives up beyond a handful.
@@ -62,6 +63,7 @@ def lstm_layer(inp, h, c, WT, RT, bW, bR, P, projT, coupled, acts, params, gates
         i, f = g[:H], g[H:2 * H]  # f is g's block when coupled, and unused
         g_g, g_o = (g[H:2 * H], g[2 * H:]) if coupled else (g[2 * H:3 * H], g[3 * H:])
         if peep:  # i += P_i * c, f += P_f * c (the previous c)
+            P = weights[peep_at:peep_at + (2 if coupled else 3) * H]
             for j in range(H):
                 i[j] += P[j] * c_s[j]
             if not coupled:
@@ -76,7 +78,7 @@ def lstm_layer(inp, h, c, WT, RT, bW, bR, P, projT, coupled, acts, params, gates
             for j in range(H):
                 c_s[j] = f[j] * c_s[j] + i[j] * g_g[j]
         if peep:  # o += P_o * c'
-            P_o = P[(1 if coupled else 2) * H:]
+            P_o = weights[peep_at + (1 if coupled else 2) * H:peep_at + (2 if coupled else 3) * H]
             for j in range(H):
                 g_o[j] += P_o[j] * c_s[j]
         gate(g_o, acts[0], params[0], params[1], bound)
@@ -91,4 +93,4 @@ def lstm_layer(inp, h, c, WT, RT, bW, bR, P, projT, coupled, acts, params, gates
     if project:  # h = proj @ (o * h(c'))
         for j in range(S * HP):
             h[j] = np.float32(0.0)
-        matmul_acc(hc, projT, h, S, H, HP)
+        matmul_acc(hc, weights[proj_at:proj_at + H * HP], h, S, H, HP)
