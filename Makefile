@@ -35,7 +35,7 @@ test-arm64:
 
 # Numba caches compiled kernels beside the sources; the tests key theirs by a hash of the sources.
 clean-cache:
-	find . -path ./$(VENV) -prune -o \( -name '*.nbi' -o -name '*.nbc' \) -print -delete
+	find . -path ./$(VENV) -prune -o \( -name '*.nbi' -o -name '*.nbc' \) -print -exec rm -f {} +
 	rm -rf .numba_cache
 
 clean: clean-cache
