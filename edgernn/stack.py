@@ -15,11 +15,10 @@ spread over threads with ``prange``.
 
 import math
 
+import numpy as np
 from numba import get_thread_id, njit, prange
 
 from .cells.activations import INLINE_OPTIONS, KERNEL_OPTIONS
-import numpy as np
-
 from .cells.dense import dense_layer
 from .cells.gru import gru_layer
 from .cells.leaky import leaky_layer
@@ -36,9 +35,9 @@ from .plan import (
 (OK, BAD_INPUT_SHAPE, BAD_STATE_SHAPE, NOT_FINITE, BAD_SLOT, DUPLICATE_SLOT, BAD_SAMPLE_COUNT,
  BAD_OUTPUT_SHAPE) = range(8)
 TILE = 8
+"""Streams per tile in the batched kernels: each weight row is reused TILE times while in L1."""
 GATE_BLOCKS = np.array([1, 1, 2, 3, 3, 4])
 """Gate blocks G of each unit kind (RNN, LEAKY, MGU, GRU, GRU_RESET_FIRST, LSTM)."""
-"""Streams per tile in the batched kernels: each weight row is reused TILE times while in L1."""
 
 
 @njit(**INLINE_OPTIONS)
