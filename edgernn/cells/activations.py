@@ -105,7 +105,7 @@ def activate(x, code, alpha, beta):
     if code == TANH:
         return tanh(x)
     if code == RELU:
-        return max(x, zero)
+        return relu(x)
     if code == AFFINE:
         return alpha * x + beta
     if code == LEAKY_RELU:
@@ -138,7 +138,7 @@ def activate_into(out, v, code, alpha, beta):
             out[j] = tanh(v[j])
     elif code == RELU:
         for j in range(n):
-            out[j] = max(v[j], np.float32(0.0))
+            out[j] = relu(v[j])
     else:
         _activate_any(out, v, code, alpha, beta)
 
@@ -171,6 +171,11 @@ def sigmoid_reference(x):
 
 def relu_reference(x):
     return np.maximum(x, 0.0)
+
+
+def clip_reference(v, clip):
+    """ONNX's clip of an activation's input: ``v`` bounded to [-clip, clip], or as it is for None."""
+    return v if clip is None else np.clip(v, -clip, clip)
 
 
 def activation_reference(name: str, alpha: float = 0.0, beta: float = 0.0):

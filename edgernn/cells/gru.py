@@ -10,7 +10,7 @@
 import numpy as np
 from numba import njit
 
-from .activations import KERNEL_OPTIONS, gate, sigmoid_reference
+from .activations import KERNEL_OPTIONS, clip_reference, gate, sigmoid_reference
 from .dense import matmul_acc
 
 
@@ -20,17 +20,16 @@ def gru_reference(x, h, W, R, Wb, Rb, linear_before_reset=True, f=sigmoid_refere
     H = h.shape[0]
     if Wb is None:
         Wb = Rb = np.zeros(3 * H)
-    bound = (lambda v: v) if clip is None else (lambda v: np.clip(v, -clip, clip))
     W_r, W_z, W_n = np.split(W, 3)
     R_r, R_z, R_n = np.split(R, 3)
     Wb_r, Wb_z, Wb_n = np.split(Wb, 3)
     Rb_r, Rb_z, Rb_n = np.split(Rb, 3)
-    r = f(bound(W_r @ x + Wb_r + R_r @ h + Rb_r))
-    z = f(bound(W_z @ x + Wb_z + R_z @ h + Rb_z))
+    r = f(clip_reference(W_r @ x + Wb_r + R_r @ h + Rb_r, clip))
+    z = f(clip_reference(W_z @ x + Wb_z + R_z @ h + Rb_z, clip))
     if linear_before_reset:
-        n = g(bound(W_n @ x + Wb_n + r * (R_n @ h + Rb_n)))
+        n = g(clip_reference(W_n @ x + Wb_n + r * (R_n @ h + Rb_n), clip))
     else:
-        n = g(bound(W_n @ x + Wb_n + R_n @ (r * h) + Rb_n))
+        n = g(clip_reference(W_n @ x + Wb_n + R_n @ (r * h) + Rb_n, clip))
     return (1.0 - z) * n + z * h
 
 

@@ -9,7 +9,7 @@ R are a fixed random reservoir and only the dense head is trained (`edgernn.rese
 import numpy as np
 from numba import njit
 
-from .activations import KERNEL_OPTIONS, gate
+from .activations import KERNEL_OPTIONS, clip_reference, gate
 from .dense import gate_preactivations
 
 
@@ -18,7 +18,7 @@ def leaky_reference(x, h, W, R, Wb, Rb, leak, f=np.tanh, clip=None):
     a = W @ x + R @ h
     if Wb is not None:
         a = a + Wb + Rb
-    return (1.0 - leak) * h + leak * f(a if clip is None else np.clip(a, -clip, clip))
+    return (1.0 - leak) * h + leak * f(clip_reference(a, clip))
 
 
 @njit(**KERNEL_OPTIONS)

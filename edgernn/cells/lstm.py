@@ -15,7 +15,7 @@ h' = proj @ (o * tanh(c')), of proj_size floats. ONNX's clip bounds every gate's
 import numpy as np
 from numba import njit
 
-from .activations import KERNEL_OPTIONS, TANH, activate_into, gate, sigmoid_reference, tanh
+from .activations import KERNEL_OPTIONS, TANH, activate_into, clip_reference, gate, sigmoid_reference, tanh
 from .dense import gate_preactivations, matmul_acc
 
 
@@ -31,17 +31,16 @@ def lstm_reference(x, h, c, W, R, Wb, Rb, P=None, proj=None, coupled=False,
     gates = W @ x + R @ h
     if Wb is not None:
         gates = gates + Wb + Rb
-    bound = (lambda v: v) if clip is None else (lambda v: np.clip(v, -clip, clip))
     if coupled:
         i, g_, o = np.split(gates, 3)
         p_i, p_f, p_o = (np.zeros(H), None, np.zeros(H)) if P is None else (P[:H], None, P[H:])
     else:
         i, f_, g_, o = np.split(gates, 4)
         p_i, p_f, p_o = (np.zeros(H),) * 3 if P is None else np.split(P, 3)
-    i = f(bound(i + p_i * c))
-    forget = 1.0 - i if coupled else f(bound(f_ + p_f * c))
-    c = forget * c + i * g(bound(g_))
-    o = f(bound(o + p_o * c))
+    i = f(clip_reference(i + p_i * c, clip))
+    forget = 1.0 - i if coupled else f(clip_reference(f_ + p_f * c, clip))
+    c = forget * c + i * g(clip_reference(g_, clip))
+    o = f(clip_reference(o + p_o * c, clip))
     h = o * h_act(c)
     return (h if proj is None else proj @ h), c
 

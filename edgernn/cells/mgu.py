@@ -12,7 +12,7 @@ The kernel keeps each gate's weights as its own transposed block (``WT = [W_f^T 
 import numpy as np
 from numba import njit
 
-from .activations import KERNEL_OPTIONS, gate, sigmoid_reference
+from .activations import KERNEL_OPTIONS, clip_reference, gate, sigmoid_reference
 from .dense import gate_preactivations, matmul_acc
 
 
@@ -21,13 +21,12 @@ def mgu_reference(x, h, W, R, Wb, Rb, f=sigmoid_reference, g=np.tanh, clip=None)
     H = h.shape[0]
     if Wb is None:
         Wb = Rb = np.zeros(2 * H)
-    bound = (lambda v: v) if clip is None else (lambda v: np.clip(v, -clip, clip))
     W_f, W_n = np.split(W, 2)
     R_f, R_n = np.split(R, 2)
     Wb_f, Wb_n = np.split(Wb, 2)
     Rb_f, Rb_n = np.split(Rb, 2)
-    forget = f(bound(W_f @ x + Wb_f + R_f @ h + Rb_f))
-    n = g(bound(W_n @ x + Wb_n + R_n @ (forget * h) + Rb_n))
+    forget = f(clip_reference(W_f @ x + Wb_f + R_f @ h + Rb_f, clip))
+    n = g(clip_reference(W_n @ x + Wb_n + R_n @ (forget * h) + Rb_n, clip))
     return (1.0 - forget) * h + forget * n
 
 

@@ -8,7 +8,7 @@ streams (weights transposed: WT (I, H), RT (H, H)), which advances ``h`` in plac
 import numpy as np
 from numba import njit
 
-from .activations import KERNEL_OPTIONS, gate
+from .activations import KERNEL_OPTIONS, clip_reference, gate
 from .dense import gate_preactivations
 
 
@@ -18,7 +18,7 @@ def rnn_reference(x, h, W, R, Wb, Rb, f=np.tanh, clip=None):
     a = W @ x + R @ h
     if Wb is not None:
         a = a + Wb + Rb
-    return f(a if clip is None else np.clip(a, -clip, clip))
+    return f(clip_reference(a, clip))
 
 
 @njit(**KERNEL_OPTIONS)
