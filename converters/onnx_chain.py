@@ -74,7 +74,7 @@ class ChainBuilder(NodeReader):
         first = values[0] is x
         c = values[1] if first else values[0]
         if op in ("Sub", "Div") and not first:
-            self.unsupported(f"with the data as its second operand")
+            self.unsupported("with the data as its second operand")
         vector = self._features(x, c, op)
         extra = max(0, np.ndim(c) - len(x.axes))
         x = self._with(x, (("1", 1),) * extra + x.axes)

@@ -268,7 +268,7 @@ class _Reader(ChainBuilder, LayoutReader):
             return [self._gemm(values)]
         if op in ACTIVATIONS:
             return [self._activation(op, values[0])]
-        self.unsupported(f"on the data; edgernn reads input normalisation, LSTM/GRU/RNN nodes and a dense head")
+        self.unsupported("on the data; edgernn reads input normalisation, LSTM/GRU/RNN nodes and a dense head")
 
     # ---- the result ----------------------------------------------------------------------------
     def _finish(self) -> ImportedGraph:

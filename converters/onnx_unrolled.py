@@ -157,7 +157,7 @@ def fold_unrolled_rnns(nodes, constants, outputs):
             singles.remove(fwd)
             singles.remove(rev)
             pairs.append((node, fwd, rev))
-    new_constants, emitted, removed = {}, [], set()
+    new_constants, removed = {}, set()
 
     def const(name, value):
         name = f"_edgernn_unrolled_{len(new_constants)}_{name}"

@@ -45,8 +45,7 @@ import numpy as np
 from .errors import SpecError
 
 SPEC_VERSION = 2
-READABLE_VERSIONS = (1, 2)
-"""Spec versions this edgernn reads; version 1 (single ``activation`` string per layer) is upgraded on read."""
+"""Version 1 specs (one ``activation`` string per rnn layer) are upgraded on read (`_upgrade`)."""
 
 CELLS = {"rnn": 1, "leaky": 1, "mgu": 2, "gru": 3, "lstm": 4}
 """Cell family -> number of gate blocks G (an LSTM with a coupled input-forget gate has 3)."""

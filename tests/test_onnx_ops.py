@@ -22,7 +22,7 @@ from edgernn.converters.onnx_ops import (  # noqa: E402
     RecurrentNode, pack_initial_state, recurrent_node, unpack_state)
 from edgernn.errors import ConversionError, InputError  # noqa: E402
 from edgernn.onnx_backend import EdgeRNNBackend  # noqa: E402
-from edgernn.spec import Activation, RecurrentLayer  # noqa: E402
+from edgernn.spec import RecurrentLayer  # noqa: E402
 
 TOL = 1e-5  # max abs difference, float32
 BOUND = 50.0  # outputs must stay below this for TOL to be a meaningful absolute bound
