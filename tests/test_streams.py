@@ -1,16 +1,20 @@
-"""The many-stream state table (edgernn/streams.py): slots, growth, LRU eviction, snapshots."""
+"""The many-stream state table (edgernn/streams.py): slots, growth, LRU eviction, columns, snapshots."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import safetensors
+import safetensors.numpy
 
 import edgernn
 from edgernn.errors import FormatError
+from edgernn.format import tensor_checksum
 from edgernn.streams import StreamTable
 from helpers import random_model
 
@@ -293,3 +297,328 @@ def test_snapshot_is_written_atomically(model, tmp_path):
     table.snapshot(path)
     table.snapshot(path)
     assert os.listdir(tmp_path) == ["s.snap"]
+
+
+# ---- per-stream columns -------------------------------------------------------------------------------
+COLUMNS = {"seq": ("int64", -1), "last_seen": (np.float64, 0.0), "flagged": ("bool", False)}
+
+
+def column_table(model, **kwargs):
+    return StreamTable(model, columns=COLUMNS, **kwargs)
+
+
+def column_values(table, key):
+    slot = int(table.peek_slots([key])[0])
+    return {name: table.columns[name][slot].item() for name in table.columns}
+
+
+DEFAULTS = {"seq": -1, "last_seen": 0.0, "flagged": False}
+
+
+def test_columns_are_arrays_by_slot_at_their_defaults(model):
+    table = column_table(model, initial_capacity=4)
+    assert set(table.columns) == set(COLUMNS)
+    for name, (dtype, default) in COLUMNS.items():
+        column = table.columns[name]
+        assert column.dtype == np.dtype(dtype) and column.shape == (table.capacity,)
+        assert (column == default).all()
+    slots = table.slots_for(["a", "b"])
+    table.columns["seq"][slots] = [10, 20]
+    assert column_values(table, "a") == {**DEFAULTS, "seq": 10}
+    assert column_values(table, "b") == {**DEFAULTS, "seq": 20}
+
+
+def test_columns_survive_growth(model):
+    table = column_table(model, initial_capacity=2)
+    for i in range(9):
+        slot = table.slots_for([f"s{i}"])[0]
+        table.columns["seq"][slot] = i  # read table.columns after slots_for: growth replaces the arrays
+        table.columns["last_seen"][slot] = 100.0 + i
+    assert table.capacity == 16 and table.columns["seq"].shape == (16,)
+    for i in range(9):
+        assert column_values(table, f"s{i}") == {"seq": i, "last_seen": 100.0 + i, "flagged": False}
+    free = np.setdiff1d(np.arange(16), table.peek_slots(table.keys()))
+    assert (table.columns["seq"][free] == -1).all() and (table.columns["last_seen"][free] == 0).all()
+
+
+def test_columns_reset_with_the_stream(model):
+    table = column_table(model)
+    table.step(["a", "b"], samples(model, 2, 0))
+    slots = table.slots_for(["a", "b"])
+    table.columns["seq"][slots] = 5
+    table.columns["flagged"][slots] = True
+    table.reset("a")
+    assert column_values(table, "a") == DEFAULTS
+    assert column_values(table, "b") == {**DEFAULTS, "seq": 5, "flagged": True}
+    slot_b = int(table.peek_slots(["b"])[0])
+    table.drop("b")
+    assert table.columns["seq"][slot_b] == -1 and not table.columns["flagged"][slot_b]
+    assert int(table.slots_for(["c"])[0]) == slot_b
+    assert column_values(table, "c") == DEFAULTS
+
+
+def test_evicted_slot_comes_back_with_default_columns_and_on_evict_is_told(model):
+    evicted = []
+    table = column_table(model, max_streams=3, on_evict=evicted.append)
+    table.columns["seq"][table.slots_for(["a", "b", "c"])] = [1, 2, 3]
+    table.slots_for(["a"])
+    table.slots_for(["d", "e"])  # evicts b, then c
+    assert evicted == ["b", "c"] and table.evictions == 2
+    assert table.keys() == ["a", "d", "e"]
+    assert column_values(table, "a")["seq"] == 1
+    assert column_values(table, "d")["seq"] == -1 and column_values(table, "e")["seq"] == -1
+    table.drop("a")
+    table.clear()
+    assert evicted == ["b", "c"]  # drop and clear are not evictions
+
+
+def test_on_evict_sees_a_consistent_table(model):
+    seen = []
+
+    def on_evict(key):
+        seen.append((key, key in table, len(table)))
+        raise RuntimeError("callback failure")
+
+    table = StreamTable(model, max_streams=2, on_evict=on_evict)
+    table.slots_for(["a", "b"])
+    with pytest.raises(RuntimeError):
+        table.slots_for(["c", "d"])
+    assert seen == [("a", False, 2)]
+    assert table.keys() == ["b", "c"]  # c got a's slot before the callback ran
+    table.on_evict = None
+    table.slots_for(["d"])
+    assert table.keys() == ["c", "d"]
+
+
+def test_peek_slots_creates_nothing_and_keeps_the_order(model):
+    table = StreamTable(model)
+    slots = table.slots_for(["a", "b"])
+    peeked = table.peek_slots(["b", "zzz", "a"])
+    assert peeked.dtype == np.int64 and peeked.tolist() == [slots[1], -1, slots[0]]
+    assert table.keys() == ["a", "b"] and "zzz" not in table
+    assert table.peek_slots([]).shape == (0,)
+
+
+def test_stale_compares_a_whole_column(model):
+    table = column_table(model, initial_capacity=2)
+    keys = [f"s{i}" for i in range(7)]
+    slots = table.slots_for(keys)  # first: `table.columns[...][table.slots_for(...)]` indexes the old array
+    table.columns["last_seen"][slots] = [10, 50, 20, 60, 5, 70, 30]
+    assert sorted(table.stale("last_seen", 25.0)) == ["s0", "s2", "s4"]
+    assert table.stale("last_seen", 0.0) == []
+    table.drop("s0")  # free slots hold the default (0 < 25) but are no streams
+    assert sorted(table.stale("last_seen", 25.0)) == ["s2", "s4"]
+    assert sorted(table.stale("seq", 0)) == sorted(table.keys())
+    with pytest.raises(KeyError, match="no column 'nope'"):
+        table.stale("nope", 1)
+
+
+def test_clear_forgets_every_stream(model):
+    table = column_table(model, initial_capacity=2)
+    table.step(["a", "b", "c"], samples(model, 3, 0))
+    table.columns["seq"][table.slots_for(["a"])] = 4
+    capacity = table.capacity
+    table.clear()
+    assert len(table) == 0 and table.capacity == capacity
+    assert (table.columns["seq"] == -1).all()
+    assert (table.states == model.new_state()).all()
+    table.slots_for(["x"])
+    assert column_values(table, "x") == DEFAULTS
+
+
+@pytest.mark.parametrize("columns, match", [
+    ({"Seq": ("int64", 0)}, "must match"),
+    ({"1st": ("int64", 0)}, "must match"),
+    ({"a-b": ("int64", 0)}, "must match"),
+    ({"s": ("U3", "x")}, "bool, integer or float"),
+    ({"s": ("complex64", 0)}, "bool, integer or float"),
+    ({"s": ("uint8", -1)}, "does not fit"),
+    ({"s": ("int8", 0.5)}, "does not fit"),
+    ({"s": ("float32", 1e300)}, "does not fit"),
+    ({"s": ("int64", [1])}, "must be a number"),
+    ({"s": ("int64", None)}, "must be a number"),
+    ({"s": "int64"}, r"expected \(dtype, default\)"),
+    ({"s": ("no-such-dtype", 0)}, r"expected \(dtype, default\)"),
+])
+def test_column_declarations_are_checked(model, columns, match):
+    with pytest.raises(ValueError, match=match):
+        StreamTable(model, columns=columns)
+
+
+def test_nan_default_is_allowed(model):
+    table = StreamTable(model, columns={"t": ("float32", float("nan"))})
+    table.slots_for(["a"])
+    assert np.isnan(table.columns["t"]).all()
+    assert table.stale("t", 1e9) == []  # NaN is never "older"
+
+
+def test_replace_model_keeping_states(model):
+    table = column_table(model, initial_capacity=4)
+    table.step(["a", "b"], samples(model, 2, 0))
+    table.columns["seq"][table.slots_for(["a"])] = 7
+    table.drop("b")
+    before = table.state_of("a")
+    fingerprint = table.fingerprint()
+    other = random_model("lstm", input_size=8, hidden=64, seed=3)
+    table.replace_model(other, keep_states=True)
+    assert table.model is other and table.fingerprint() != fingerprint
+    assert table.state_of("a").tobytes() == before.tobytes() and column_values(table, "a")["seq"] == 7
+    free = np.setdiff1d(np.arange(table.capacity), table.peek_slots(table.keys()))
+    assert (table.states[free] == other.new_state()).all()
+    state = before.copy()
+    x = samples(model, 1, 1)
+    np.testing.assert_array_equal(table.step(["a"], x)[0], other.step(x[0], state))
+
+
+def test_replace_model_resetting_states(model):
+    table = column_table(model)
+    table.step(["a", "b"], samples(model, 2, 0))
+    table.columns["seq"][table.slots_for(["a", "b"])] = [3, 4]
+    smaller = random_model("gru", input_size=8, hidden=16)
+    with pytest.raises(ValueError, match="state size"):
+        table.replace_model(smaller, keep_states=True)
+    table.replace_model(smaller, keep_states=False)
+    assert table.keys() == ["a", "b"] and table.states.shape == (table.capacity, smaller.state_size)
+    for key, seq in (("a", 3), ("b", 4)):
+        np.testing.assert_array_equal(table.state_of(key), smaller.new_state())
+        assert column_values(table, key)["seq"] == seq  # redeliveries are still duplicates
+    table.step(["c"], samples(smaller, 1, 0))
+    assert len(table) == 3
+
+
+# ---- snapshots with columns (format version 2) --------------------------------------------------------
+def busy_column_table(model, **kwargs):
+    table = busy_table(model)
+    copy = column_table(model, **kwargs)
+    rng = np.random.default_rng(5)
+    for key in table.keys():  # same streams, same LRU order, with column values
+        slot = copy.slots_for([key])[0]
+        copy.states[slot] = table.state_of(key)
+        copy.columns["seq"][slot] = rng.integers(0, 1000)
+        copy.columns["last_seen"][slot] = rng.uniform(0, 1e6)
+        copy.columns["flagged"][slot] = rng.integers(0, 2)
+    return copy
+
+
+def assert_same_streams(a, b, keys=None):
+    """``b`` holds exactly the streams ``keys`` (default: all of ``a``'s), with ``a``'s states and columns."""
+    keys = a.keys() if keys is None else keys
+    assert b.keys() == keys
+    assert_same_values(a, b, keys)
+
+
+def assert_same_values(a, b, keys):
+    for key in keys:
+        assert a.state_of(key).tobytes() == b.state_of(key).tobytes()
+        assert column_values(a, key) == column_values(b, key)
+
+
+def test_columns_travel_in_snapshots(model, tmp_path):
+    table = busy_column_table(model)
+    table.drop(table.keys()[2])
+    table.snapshot(tmp_path / "s.snap", metadata={"journal_generation": "7", "note": "ünïcode"})
+    restored = column_table(model, initial_capacity=2)
+    assert restored.restore(tmp_path / "s.snap") == {"journal_generation": "7", "note": "ünïcode"}
+    assert_same_streams(table, restored)
+    assert restored.columns["seq"].shape == (restored.capacity,)
+    free = np.setdiff1d(np.arange(restored.capacity), restored.peek_slots(restored.keys()))
+    assert (restored.columns["seq"][free] == -1).all()
+    restored.slots_for([f"new{i}" for i in range(40)])  # growth after a restore keeps every column
+    assert_same_values(table, restored, table.keys())
+    assert column_values(restored, "new39") == DEFAULTS
+
+
+def test_restore_with_fewer_slots_keeps_the_columns_of_the_newest(model, tmp_path):
+    table = busy_column_table(model)
+    table.snapshot(tmp_path / "s.snap")
+    small = column_table(model, max_streams=5)
+    assert small.restore(tmp_path / "s.snap") == {}
+    assert_same_streams(table, small, keys=table.keys()[-5:])
+
+
+def test_undeclared_column_in_the_file_is_ignored_and_missing_one_defaults(model, tmp_path, caplog):
+    table = busy_column_table(model)
+    table.snapshot(tmp_path / "s.snap")
+    other = StreamTable(model, columns={"seq": ("int64", -1), "extra": ("int32", 9)})
+    with caplog.at_level("DEBUG", logger="edgernn.streams"):
+        other.restore(tmp_path / "s.snap")
+    assert "ignoring column 'last_seen'" in caplog.text
+    for key in table.keys():
+        slot = other.peek_slots([key])[0]
+        assert other.columns["seq"][slot] == column_values(table, key)["seq"]
+        assert other.columns["extra"][slot] == 9
+    plain = StreamTable(model)  # no columns at all
+    plain.restore(tmp_path / "s.snap")
+    assert plain.columns == {} and plain.keys() == table.keys()
+
+
+def test_column_of_another_dtype_is_refused(model, tmp_path):
+    path = tmp_path / "s.snap"
+    busy_column_table(model).snapshot(path)
+    wrong = StreamTable(model, columns={"seq": ("int32", -1)})
+    assert_restore_refused(wrong, path, "column 'seq' is int64", "expected int32")
+
+
+def test_column_of_another_length_is_refused(model, tmp_path):
+    table = busy_column_table(model)
+    keys_json = json.dumps(table.keys())
+    slots = table.peek_slots(table.keys())
+    tensors = {"states": table.states[slots], "column.seq": table.columns["seq"][slots][:-1]}
+    metadata = {"format": "edgernn-snapshot", "format_version": "2", "keys": keys_json, "model": table.fingerprint(),
+                "extra": "{}", "checksum": tensor_checksum(tensors, keys_json.encode() + b"\0{}")}
+    path = tmp_path / "s.snap"
+    path.write_bytes(safetensors.numpy.save(tensors, metadata=metadata))
+    assert_restore_refused(column_table(model), path, "column 'seq' is int64[19]", "expected int64[20]")
+    tensors = {"states": table.states[slots], "stray": np.zeros(3, np.float32)}
+    metadata["checksum"] = tensor_checksum(tensors, keys_json.encode() + b"\0{}")
+    path.write_bytes(safetensors.numpy.save(tensors, metadata=metadata))
+    assert_restore_refused(column_table(model), path, "expected 'states' and 'column.*' tensors")
+
+
+def test_snapshot_metadata_is_covered_by_the_checksum(model, tmp_path):
+    path = tmp_path / "s.snap"
+    busy_table(model).snapshot(path, metadata={"journal_generation": "7"})
+    data = path.read_bytes()
+    assert data.count(b'\\"7\\"') == 1
+    path.write_bytes(data.replace(b'\\"7\\"', b'\\"8\\"'))
+    assert_restore_refused(busy_table(model, 3), path, "checksum mismatch")
+
+
+def test_snapshot_metadata_must_be_strings(model, tmp_path):
+    with pytest.raises(TypeError, match="strings"):
+        busy_table(model).snapshot(tmp_path / "s.snap", metadata={"generation": 7})
+    assert not (tmp_path / "s.snap").exists()
+
+
+def write_v1_snapshot(table, path):
+    """A snapshot exactly as edgernn wrote them before per-stream columns (format_version 1)."""
+    keys = table.keys()
+    keys_json = json.dumps(keys, ensure_ascii=False)
+    tensors = {"states": np.ascontiguousarray(table.states[table.peek_slots(keys)])}
+    metadata = {"format": "edgernn-snapshot", "format_version": "1", "keys": keys_json,
+                "model": table.fingerprint(), "checksum": tensor_checksum(tensors, keys_json.encode())}
+    path.write_bytes(safetensors.numpy.save(tensors, metadata=metadata))
+
+
+def test_version_1_snapshot_still_restores(model, tmp_path):
+    table = busy_table(model)
+    path = tmp_path / "v1.snap"
+    write_v1_snapshot(table, path)
+    restored = column_table(model)
+    assert restored.restore(path) == {}
+    assert restored.keys() == table.keys()
+    for key in table.keys():
+        assert restored.state_of(key).tobytes() == table.state_of(key).tobytes()
+        assert column_values(restored, key) == DEFAULTS
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert_restore_refused(restored, path, "checksum mismatch")
+
+
+def test_snapshots_are_written_as_version_2(model, tmp_path):
+    path = tmp_path / "s.snap"
+    busy_column_table(model).snapshot(path)
+    with safetensors.safe_open(path, "numpy") as file:
+        assert file.metadata()["format_version"] == "2"
+        assert sorted(file.keys()) == ["column.flagged", "column.last_seen", "column.seq", "states"]
