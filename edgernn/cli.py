@@ -9,6 +9,8 @@
                                      per output; exit 0 within --tolerance, 1 otherwise
     edgernn stream FILE [--csv IN]   CSV samples in, one prediction per line out (bad lines skipped)
     edgernn compile                  fill Numba's cache now (e.g. at install), not at the first start
+    edgernn serve --config FILE      the MQTT daemon: one prediction per message, state kept per stream
+                                     (--check: load the config and models, print the config, exit)
 
 Errors are one line on stderr (``edgernn: error: ...``) and exit status 1; usage errors exit 2.
 ``--debug`` shows tracebacks and debug logs. Stage lines go to stderr when it is a terminal.
@@ -111,6 +113,16 @@ def _parser() -> argparse.ArgumentParser:
     stream.add_argument("file")
     stream.add_argument("--csv", default="-", help="input CSV file, one sample per line (default stdin)")
     stream.set_defaults(run=_stream)
+
+    serve = commands.add_parser(
+        "serve", parents=[common], help="run the MQTT daemon",
+        description="Subscribe to sensor topics, advance each stream's state one sample per message and publish "
+                    "a prediction per message. Logs go to stdout (JSON lines by default). SIGTERM drains and "
+                    "snapshots; SIGHUP reloads the models.")
+    serve.add_argument("--config", required=True, metavar="FILE", help="the daemon's TOML config")
+    serve.add_argument("--check", action="store_true",
+                       help="load the config and every model, print the config (secrets hidden) and exit")
+    serve.set_defaults(run=_serve)
 
     compile_ = commands.add_parser("compile", parents=[common],
                                    help="compile the kernels into Numba's cache (one time, any model)")
@@ -321,6 +333,22 @@ def _stream(args) -> int:
                 continue
             print(",".join(f"{value:.6g}" for value in y), flush=True)
     return 1 if rejected else 0
+
+
+def _serve(args) -> int:
+    from edgernn.runtime.config import load_config, redacted
+    from edgernn.runtime.daemon import Daemon
+    from edgernn.runtime.logs import setup_logging
+
+    config = load_config(args.config)
+    setup_logging("debug" if args.debug else config.log.level, config.log.format)
+    daemon = Daemon(config)
+    if args.check:
+        print(json.dumps(redacted(config), indent=2, default=str))
+        return 0
+    logging.getLogger("edgernn.runtime").info("config loaded from %s", args.config,
+                                              extra={"event": "config", "config": redacted(config)})
+    return daemon.run()
 
 
 def _compile(args) -> None:

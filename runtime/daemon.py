@@ -1,0 +1,204 @@
+"""`edgernn serve`: wires config, pipelines, MQTT, the worker, persistence, metrics and systemd together.
+
+Life of the daemon:
+
+- start: load every model (a bad file stops the start with its name and problem), restore each
+  pipeline's snapshot and replay its journal, re-publish the predictions a crash may have lost, start
+  the metrics endpoint, connect (subscriptions follow in ``on_connect``), tell systemd READY=1;
+- run: the worker thread drains the inbox in micro-batches; between batches it writes snapshots every
+  ``snapshot_interval`` seconds (at a point where every published output is confirmed, so a snapshot
+  holds exactly the acked messages), resets idle streams, publishes stats and pings systemd's watchdog;
+- SIGHUP: reload the models between two micro-batches (states kept when the state shapes are unchanged,
+  reset otherwise);
+- SIGTERM/SIGINT: stop taking messages, finish the micro-batch in hand, wait (``shutdown_timeout``) for
+  the broker to confirm the outputs, snapshot, publish ``offline``, disconnect. Messages received but not
+  processed are not acked, so the broker delivers them again after the restart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+
+import numpy as np
+
+from .codecs import REJECT_REASONS
+from .logs import RateLimitedLog
+from .metrics import Metrics
+from .mqtt import MqttLink
+from .pipeline import NO_SEQ, Pipeline
+from .scheduler import Inbox, Scheduler
+from .sdnotify import Notifier, watchdog_interval
+
+log = logging.getLogger(__name__)
+
+TICK = 0.05
+"""Longest the worker waits for a message before looking at its timers (seconds)."""
+
+
+class Daemon:
+    def __init__(self, config):
+        self.config = config
+        self.metrics = Metrics([p.name for p in config.pipelines], REJECT_REASONS)
+        self.pipelines = [Pipeline(p, config.state, self.metrics.pipeline(p.name)) for p in config.pipelines]
+        self.inbox = Inbox(config.daemon.max_undelivered_messages, on_drop=self.metrics.queue_dropped.inc)
+        subscriptions = [(pattern, p.config.qos) for p in self.pipelines for pattern in p.config.subscribe]
+        self.link = MqttLink(config.broker, subscriptions, self.inbox.put, self._connection_changed,
+                             max_inflight=max(100, 2 * config.daemon.max_batch))
+        self.scheduler = Scheduler(self.pipelines, self.link, self.inbox, self.metrics, config.daemon.max_batch,
+                                   RateLimitedLog(log, config.log.bad_input_interval))
+        self.notifier = Notifier()
+        self.stopping = threading.Event()
+        self._reload = threading.Event()
+        self._worker = None
+        self.metrics_address = None
+        self._republish: list = []
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        for pipeline in self.pipelines:
+            self._recover(pipeline)
+        if self.config.metrics.listen:
+            self.metrics_address = self.metrics.serve(self.config.metrics.listen)
+            log.info("metrics on http://%s:%d/metrics", *self.metrics_address, extra={"event": "metrics"})
+        self.link.start()
+        for pipeline, batch_no, outputs in self._republish:
+            self.scheduler.republish(pipeline, batch_no, outputs)
+        self._republish.clear()
+        self._worker = threading.Thread(target=self._work, name="edgernn-worker", daemon=True)
+        self._worker.start()
+        self.notifier.ready()
+        log.info("serving %d pipeline(s): %s", len(self.pipelines), ", ".join(p.name for p in self.pipelines),
+                 extra={"event": "started"})
+
+    def run(self) -> int:
+        """Start, then serve until SIGTERM/SIGINT (main thread only: it installs the signal handlers)."""
+        signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
+        signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+        self.start()
+        while not self.stopping.wait(0.5):
+            if not self._worker.is_alive():
+                log.error("the worker thread died; stopping", extra={"event": "worker_died"})
+                self.stop()
+                return 1
+        self.stop()
+        return 0
+
+    def stop(self) -> None:
+        """Drain, snapshot, go offline. Bounded by ``shutdown_timeout`` (plus one micro-batch)."""
+        self.stopping.set()
+        self.notifier.stopping()
+        if self._worker is not None:
+            self._worker.join(self.config.daemon.shutdown_timeout + 5)
+        self.link.stop()
+        self.metrics.stop()
+        for pipeline in self.pipelines:
+            pipeline.store.close()
+        log.info("stopped", extra={"event": "stopped"})
+
+    def reload(self) -> None:
+        """Ask the worker to reload the models between two micro-batches (what SIGHUP does)."""
+        self._reload.set()
+
+    # ---- the worker thread -----------------------------------------------------------------------
+    def _work(self) -> None:
+        snapshot_every = self.config.state.snapshot_interval
+        idle_every = min([p.config.idle_reset / 4 for p in self.pipelines if p.config.idle_reset > 0] + [1.0])
+        stats_every = self.config.metrics.stats_interval if self.config.metrics.stats_topic else None
+        watchdog_every = watchdog_interval()
+        now = time.monotonic()
+        next_snapshot, next_idle, next_stats, next_watchdog = (now + snapshot_every, now + idle_every,
+                                                               now + (stats_every or 0), now)
+        while not self.stopping.is_set():
+            self.scheduler.take_and_process(TICK)
+            self._write_done_records()
+            now = time.monotonic()
+            self.metrics.queue_depth.set(len(self.inbox))
+            if watchdog_every and now >= next_watchdog:
+                self.notifier.watchdog()
+                next_watchdog = now + watchdog_every
+            if self._reload.is_set():
+                self._reload.clear()
+                self._reload_models()
+            if now >= next_snapshot:
+                self._snapshot()
+                next_snapshot = time.monotonic() + snapshot_every
+            if now >= next_idle:
+                for pipeline in self.pipelines:
+                    pipeline.expire_idle()
+                    pipeline.metrics.streams_live.set(len(pipeline.table))
+                next_idle = now + idle_every
+            if stats_every and now >= next_stats:
+                self._publish_stats()
+                next_stats = now + stats_every
+        self._snapshot(self.config.daemon.shutdown_timeout)
+
+    def _write_done_records(self) -> None:
+        for pipeline, batch_no in self.scheduler.finished_batches():
+            pipeline.store.mark_done(batch_no)
+
+    def _snapshot(self, timeout: float | None = None) -> None:
+        """Snapshot every pipeline once every output in flight is confirmed (skipped, and said, if not)."""
+        timeout = self.config.daemon.shutdown_timeout if timeout is None else timeout
+        if not self.scheduler.wait_idle(timeout):
+            log.warning("snapshot skipped: outputs still unconfirmed after %g s (broker unreachable?)", timeout,
+                        extra={"event": "snapshot_skipped"})
+            return
+        self._write_done_records()
+        for pipeline in self.pipelines:
+            try:
+                pipeline.store.snapshot(pipeline.table)
+            except OSError as error:
+                log.error("pipeline %s: snapshot failed: %s", pipeline.name, error,
+                          extra={"event": "snapshot_failed", "pipeline": pipeline.name})
+
+    def _reload_models(self) -> None:
+        self._snapshot()
+        for pipeline in self.pipelines:
+            try:
+                kept = pipeline.reload()
+            except Exception as error:  # noqa: BLE001 -- a bad new file keeps the old model serving
+                log.error("pipeline %s: reload failed, keeping the current model: %s", pipeline.name, error,
+                          extra={"event": "reload_failed", "pipeline": pipeline.name})
+                continue
+            if not kept:
+                pipeline.metrics.resets("reload").inc(len(pipeline.table))
+            log.info("pipeline %s: model reloaded (%s)", pipeline.name, "states kept" if kept else "states reset",
+                     extra={"event": "reloaded", "pipeline": pipeline.name, "states_kept": kept})
+        self._snapshot()
+
+    def _publish_stats(self) -> None:
+        topic = self.config.metrics.stats_topic
+        self.link.publish(topic, json.dumps(self.metrics.stats()).encode(), qos=0, retain=True)
+
+    def _connection_changed(self, connected: bool) -> None:
+        self.metrics.connected.set(1 if connected else 0)
+        if not connected:
+            self.metrics.reconnects.inc()
+
+    # ---- start-up recovery -----------------------------------------------------------------------
+    def _recover(self, pipeline) -> None:
+        """Restore the snapshot, replay the journal; keep the predictions that may not have gone out."""
+        recovery = pipeline.store.recover(pipeline.table)  # it logs each problem it found itself
+        republished = 0
+        for batch in recovery.replayed:
+            Y, stepped = pipeline.advance(batch.keys, batch.seqs, batch.X)
+            if batch.batch_no not in recovery.undone:
+                continue
+            outputs = []
+            for index in np.flatnonzero(stepped):
+                key = batch.keys[index]
+                seq = None if batch.seqs[index] == NO_SEQ else int(batch.seqs[index])
+                ts = None if np.isnan(batch.ts[index]) else float(batch.ts[index])
+                outputs.append((pipeline.output_topic(key), pipeline.encoder.encode(key, Y[index], seq, ts)))
+            self._republish.append((pipeline, batch.batch_no, outputs))
+            republished += len(outputs)
+        pipeline.next_batch_no = recovery.next_batch_no
+        pipeline.metrics.streams_live.set(len(pipeline.table))
+        log.info("pipeline %s: %d streams restored, %d journalled batches replayed, %d predictions to re-publish",
+                 pipeline.name, recovery.restored_streams, len(recovery.replayed), republished,
+                 extra={"event": "recovered", "pipeline": pipeline.name})

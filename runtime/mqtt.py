@@ -1,0 +1,254 @@
+"""The daemon's one MQTT connection: the only module that knows paho-mqtt (2.x, callback API v2).
+
+What it promises the rest of the daemon:
+
+- Subscriptions are made in ``on_connect``, so they come back after every reconnect; reconnects back off
+  from ``min_reconnect_interval`` to ``max_reconnect_interval`` (paho's loop does the waiting).
+- A persistent session (``persistent_session = true``, the default) with the fixed client id: the broker
+  keeps QoS 1/2 messages while the daemon is away and hands them over when it returns.
+- ``manual_ack``: an inbound QoS 1/2 message is acknowledged only when the daemon calls `ack`, i.e. after
+  its prediction is published. Until then the broker redelivers it after a reconnect.
+- A retained ``online``/``offline`` status topic, ``offline`` also as the Last Will.
+- paho's network thread only converts each message to an `Inbound` and hands it to ``deliver``: no
+  decoding, no inference there.
+
+Redeliveries: after a reconnect the broker resends every unacknowledged message with its original packet
+id and the DUP flag. A copy of a message this connection already received is dropped here (and acked
+again if the original was acked already), so a stream without ``seq`` numbers is not stepped twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edgernn.errors import EdgeRNNError
+
+log = logging.getLogger(__name__)
+
+SESSION_NEVER_EXPIRES = 0xFFFFFFFF
+"""MQTT 5 session expiry interval meaning "keep the session until the client comes back"."""
+
+
+class ConnectError(EdgeRNNError, ConnectionError):
+    """The broker cannot be reached or refused the connection (wrong address, credentials or TLS)."""
+
+
+@dataclass(slots=True)
+class Inbound:
+    """One received message, converted from paho's type at the boundary."""
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    received: float  # time.monotonic() at arrival
+
+
+class _Redeliveries:
+    """Recognises the broker's resend of a message this client already received (same id, topic, payload).
+
+    Packet ids cycle through 1..65535, so at most that many entries are kept: memory stays bounded.
+    """
+
+    def __init__(self):
+        self._seen: dict[int, tuple[int, bool]] = {}  # mid -> (hash of topic and payload, acked)
+        self._lock = threading.Lock()
+
+    def is_copy(self, mid: int, fingerprint: int, dup: bool) -> tuple[bool, bool]:
+        """(a copy of a message already received, that message already acked)."""
+        with self._lock:
+            seen = self._seen.get(mid)
+            if dup and seen is not None and seen[0] == fingerprint:
+                return True, seen[1]
+            self._seen[mid] = (fingerprint, False)
+            return False, False
+
+    def acked(self, mid: int) -> None:
+        with self._lock:
+            seen = self._seen.get(mid)
+            if seen is not None:
+                self._seen[mid] = (seen[0], True)
+
+
+class MqttLink:
+    """Connects, subscribes, receives into ``deliver``, publishes with completion callbacks, acks.
+
+    ``subscriptions``: [(topic filter, qos)]. ``deliver(Inbound)`` runs on paho's network thread and must
+    only enqueue. ``on_connection(connected: bool)`` is told of every connect and disconnect.
+    """
+
+    def __init__(self, broker, subscriptions: list[tuple[str, int]], deliver: Callable[[Inbound], None],
+                 on_connection: Callable[[bool], None] | None = None, max_inflight: int = 1000):
+        self.broker = broker
+        self.subscriptions = list(subscriptions)
+        self._deliver = deliver
+        self._on_connection = on_connection or (lambda connected: None)
+        self.connected = threading.Event()
+        self._first_result: list = []  # the first CONNACK's reason code, for startup_error_behavior = "error"
+        self._first_connack = threading.Event()
+        self._redeliveries = _Redeliveries()
+        self._publish_lock = threading.Lock()
+        self._on_done: dict[int, Callable[[], None] | None] = {}
+        self._completed_early: set[int] = set()  # PUBACKs that arrived before publish() returned
+        self.client = self._make_client(max_inflight)
+
+    # ---- setting up ------------------------------------------------------------------------------
+    def _make_client(self, max_inflight: int) -> paho.Client:
+        broker = self.broker
+        v5 = broker.protocol == "5"
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=broker.client_id,
+            clean_session=None if v5 else not broker.persistent_session,
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+            manual_ack=True)
+        if broker.username is not None:
+            client.username_pw_set(broker.username, broker.password)
+        if broker.tls_ca or broker.tls_cert:
+            client.tls_set(ca_certs=str(broker.tls_ca) if broker.tls_ca else None,
+                           certfile=str(broker.tls_cert) if broker.tls_cert else None,
+                           keyfile=str(broker.tls_key) if broker.tls_key else None,
+                           cert_reqs=ssl.CERT_NONE if broker.insecure_skip_verify else ssl.CERT_REQUIRED)
+            client.tls_insecure_set(broker.insecure_skip_verify)
+        client.will_set(broker.status_topic, b"offline", qos=1, retain=True)
+        client.reconnect_delay_set(max(1, round(broker.min_reconnect_interval)),
+                                   max(1, round(broker.max_reconnect_interval)))
+        client.max_inflight_messages_set(max_inflight)
+        client.max_queued_messages_set(0)  # unbounded: the scheduler bounds what it publishes
+        client.connect_timeout = broker.connection_timeout
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        client.on_publish = self._handle_publish
+        client.on_subscribe = self._handle_subscribe
+        return client
+
+    def start(self) -> None:
+        """Connect in the background. With ``startup_error_behavior = "error"``, wait for the first
+        connection and raise `ConnectError` if it fails; with ``"retry"``, keep trying (and logging)."""
+        broker = self.broker
+        properties = None
+        if broker.protocol == "5":
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = SESSION_NEVER_EXPIRES if broker.persistent_session else 0
+        clean_start = not broker.persistent_session if broker.protocol == "5" else paho.MQTT_CLEAN_START_FIRST_ONLY
+        self.client.connect_async(broker.host, broker.port, keepalive=broker.keepalive,
+                                  clean_start=clean_start, properties=properties)
+        self.client.loop_start()
+        if broker.startup_error_behavior == "error":
+            if not self._first_connack.wait(broker.connection_timeout):
+                self.stop(publish_offline=False)
+                raise ConnectError(f"cannot connect to the MQTT broker at {broker.host}:{broker.port} "
+                                   f"within {broker.connection_timeout:g} s")
+            reason = self._first_result[0]
+            if reason.is_failure:
+                self.stop(publish_offline=False)
+                raise ConnectError(f"the MQTT broker at {broker.host}:{broker.port} refused the connection: "
+                                   f"{reason}")
+
+    def stop(self, publish_offline: bool = True, timeout: float = 5.0) -> None:
+        """Say ``offline`` (retained), disconnect cleanly and stop the network thread."""
+        if publish_offline and self.connected.is_set():
+            sent = threading.Event()
+            self.publish(self.broker.status_topic, b"offline", qos=1, retain=True, on_done=sent.set)
+            sent.wait(timeout)
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.connected.clear()
+
+    # ---- paho callbacks (network thread) ---------------------------------------------------------
+    def _handle_connect(self, client, userdata, flags, reason_code, properties):
+        if not self._first_connack.is_set():
+            self._first_result.append(reason_code)
+            self._first_connack.set()
+        if reason_code.is_failure:
+            log.error("MQTT broker %s:%d refused the connection: %s", self.broker.host, self.broker.port,
+                      reason_code, extra={"event": "connect_refused"})
+            return
+        log.info("connected to %s:%d as %r (session %s)", self.broker.host, self.broker.port,
+                 self.broker.client_id, "resumed" if flags.session_present else "new",
+                 extra={"event": "connected", "session_present": bool(flags.session_present)})
+        if self.subscriptions:
+            client.subscribe(self.subscriptions)
+        self.connected.set()
+        self.publish(self.broker.status_topic, b"online", qos=1, retain=True)
+        self._on_connection(True)
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties):
+        was_connected = self.connected.is_set()
+        self.connected.clear()
+        if was_connected:
+            log.warning("disconnected from %s:%d (%s); reconnecting", self.broker.host, self.broker.port,
+                        reason_code, extra={"event": "disconnected"})
+            self._on_connection(False)
+
+    def _handle_subscribe(self, client, userdata, mid, reason_codes, properties):
+        for (topic, _), code in zip(self.subscriptions, reason_codes):
+            if code.is_failure:
+                log.error("the broker refused the subscription to %r: %s", topic, code,
+                          extra={"event": "subscribe_refused"})
+
+    def _handle_message(self, client, userdata, message):
+        payload = message.payload
+        topic = message.topic
+        if message.qos > 0:
+            copy, acked = self._redeliveries.is_copy(message.mid, hash((topic, payload)), message.dup)
+            if copy:  # the original is queued, being processed, or done: never step it twice
+                if acked:
+                    client.ack(message.mid, message.qos)
+                log.debug("dropped a redelivered copy of message %d on %r", message.mid, topic)
+                return
+        self._deliver(Inbound(topic, payload, message.mid, message.qos, time.monotonic()))
+
+    def _handle_publish(self, client, userdata, mid, reason_code, properties):
+        with self._publish_lock:
+            if mid not in self._on_done:
+                self._completed_early.add(mid)
+                return
+            on_done = self._on_done.pop(mid)
+        if on_done is not None:
+            on_done()
+
+    # ---- used by the scheduler (worker thread) ---------------------------------------------------
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False,
+                on_done: Callable[[], None] | None = None) -> None:
+        """Publish; ``on_done()`` runs (on the network thread) once the broker has it: PUBACK for QoS 1,
+        PUBCOMP for QoS 2, written to the socket for QoS 0. Messages published while disconnected are
+        queued by paho and sent (QoS > 0: resent) after the reconnect."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            if qos > 0 and info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+                pass  # paho keeps it and sends it after the reconnect
+            else:  # QoS 0 while disconnected is dropped by paho: that is what QoS 0 means, so it is done
+                log.warning("publish to %r failed: %s", topic, info.rc, extra={"event": "publish_failed"})
+                if on_done is not None:
+                    on_done()
+                return
+        with self._publish_lock:
+            if info.mid in self._completed_early:
+                self._completed_early.discard(info.mid)
+                early = True
+            else:
+                self._on_done[info.mid] = on_done
+                early = False
+        if early and on_done is not None:
+            on_done()
+
+    def ack(self, message: Inbound) -> None:
+        """Acknowledge an inbound QoS 1/2 message (no-op for QoS 0)."""
+        if message.qos == 0:
+            return
+        self._redeliveries.acked(message.mid)
+        self.client.ack(message.mid, message.qos)
+
+    def publish_retained(self, topic: str, payload: bytes) -> None:
+        """Fire-and-forget retained publish (stats, status)."""
+        self.publish(topic, payload, qos=1, retain=True)

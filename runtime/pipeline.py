@@ -1,0 +1,187 @@
+"""One configured pipeline: topics in, samples decoded, streams advanced in order, predictions out.
+
+The pipeline owns its model, backend, state table (one row per stream key, with each stream's last
+``seq`` and last-seen time beside it) and state store. It is used by exactly one thread, the scheduler's.
+
+Sequence numbers (when payloads carry ``seq``), per stream:
+
+- ``seq <= last`` is a duplicate (a redelivery or a device resending): dropped, the state untouched;
+- ``seq > last + 1`` is a gap: counted, and with ``seq_gap = "reset"`` the stream restarts from the
+  model's rest state before this sample;
+- ``seq`` at least `SEQ_RESTART_DISTANCE` below the last is a device that restarted its counter: counted
+  with the gaps (and reset like a gap with ``"reset"``), not mistaken for thousands of duplicates. A
+  device that restarts sooner than that has its first samples taken for duplicates until its counter
+  passes the old one: a late redelivery (seq 0 arriving after seq 2) must not step the state again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from edgernn.protocol import TopicFilter, TopicTemplate, key_level
+from edgernn.streams import StreamTable
+
+from .backends import load_backend
+from .codecs import DecodeError, Decoder, Encoder
+from .persistence import StateStore
+
+log = logging.getLogger(__name__)
+
+SEQ_RESTART_DISTANCE = 1000
+NO_SEQ = -1
+STREAM_COLUMNS = {"seq": (np.int64, NO_SEQ), "seen": (np.float64, 0.0)}
+"""Per-stream bookkeeping kept beside each state and saved in snapshots: last seq, last-seen wall time."""
+
+
+class Pipeline:
+    """Everything one ``[[pipelines]]`` entry does, minus MQTT (the scheduler publishes and acks)."""
+
+    def __init__(self, config, state_config, metrics):
+        self.config = config
+        self.name = config.name
+        self.metrics = metrics  # this pipeline's pre-bound metric children
+        self.model, self.backend = load_backend(config)
+        self.filters = [TopicFilter(pattern) for pattern in config.subscribe]
+        self._key_levels = [None if config.key_field else key_level(f, config.key_level) for f in self.filters]
+        self.decoder = self._decoder(self.model)
+        self.encoder = Encoder(config.output_format, y_field=config.y_field, seq_field=config.seq_field,
+                               ts_field=config.ts_field)
+        self.publish_topic = TopicTemplate(config.publish)
+        self.dead_letter_topic = TopicTemplate(config.dead_letter) if config.dead_letter else None
+        self.publish_qos = config.qos if config.publish_qos is None else config.publish_qos
+        self.table = StreamTable(self.model, max_streams=config.max_streams, columns=STREAM_COLUMNS,
+                                 on_evict=self._evicted)
+        self.store = StateStore(state_config.dir, self.name, state_config.durability, state_config.journal_fsync)
+        self.next_batch_no = 0
+
+    def reload(self) -> bool:
+        """Load the model file again; keep every stream's state when the state shapes are unchanged.
+
+        Returns whether the states were kept (otherwise every stream restarts from the new rest state).
+        A file that fails to load raises and leaves the current model serving.
+        """
+        model, backend = load_backend(self.config)
+        if model.input_size != self.model.input_size:
+            self.decoder = self._decoder(model)
+        kept = state_shapes(model.spec) == state_shapes(self.model.spec)
+        self.table.replace_model(model, keep_states=kept)
+        self.model, self.backend = model, backend
+        return kept
+
+    # ---- routing and decoding --------------------------------------------------------------------
+    def topic_key(self, topic: str):
+        """The stream key a topic names (``""`` when the key comes from the payload), or None: not ours."""
+        for topic_filter, level in zip(self.filters, self._key_levels):
+            levels = topic_filter.match(topic)
+            if levels is not None:
+                return "" if level is None else levels[level]
+        return None
+
+    def decode(self, payload: bytes, topic_key: str):
+        """(stream key, `Decoded`); raises `DecodeError` for anything a payload can get wrong."""
+        decoded = self.decoder.decode(payload)
+        key = decoded.key if self.config.key_field else topic_key
+        if not key:
+            raise DecodeError("bad_key", "empty stream key")
+        return key, decoded
+
+    def output_topic(self, key: str) -> str:
+        return self.publish_topic.format(key=key, pipeline=self.name)
+
+    # ---- advancing streams -----------------------------------------------------------------------
+    def advance(self, keys: list[str], seqs: np.ndarray, X: np.ndarray, now: float | None = None):
+        """Step each row's stream by its sample, in row order per stream.
+
+        ``seqs`` (n,) int64 with `NO_SEQ` where a payload had none. Returns (Y (n, O), stepped (n,) bool):
+        rows that were duplicates are not stepped and their Y rows are undefined.
+        """
+        now = time.time() if now is None else now
+        Y = np.empty((len(keys), self.model.output_size), np.float32)
+        stepped = np.zeros(len(keys), bool)
+        for rows in _rounds(keys):
+            self._advance_round(rows, [keys[i] for i in rows], seqs[rows], X[rows], now, Y, stepped)
+        return Y, stepped
+
+    def _advance_round(self, rows, keys, seqs, X, now, Y, stepped) -> None:
+        table = self.table
+        slots = table.slots_for(keys)
+        seq_column, seen_column = table.columns["seq"], table.columns["seen"]  # after slots_for: it may grow
+        last = seq_column[slots]
+        known = (seqs != NO_SEQ) & (last != NO_SEQ)
+        restart = known & (last - seqs >= SEQ_RESTART_DISTANCE)
+        duplicate = known & (seqs <= last) & ~restart
+        gap = known & (seqs > last + 1)
+        if duplicate.any():
+            self.metrics.duplicates.inc(int(duplicate.sum()))
+        if gap.any() or restart.any():
+            self.metrics.seq_gaps.inc(int(gap.sum() + restart.sum()))
+            if self.config.seq_gap == "reset":
+                reset = gap | restart
+                self.model.reset(table.states, slots[reset])
+                self.metrics.resets("gap").inc(int(reset.sum()))
+        go = ~duplicate
+        if not go.any():
+            return
+        go_slots = slots[go] if not duplicate.any() else slots[go].copy()
+        started = time.perf_counter()
+        Y[rows[go]] = self.backend.step_batch(table.states, go_slots, np.ascontiguousarray(X[go]))
+        self.metrics.step_seconds.observe(time.perf_counter() - started)
+        with_seq = go & (seqs != NO_SEQ)
+        seq_column[slots[with_seq]] = seqs[with_seq]
+        seen_column[go_slots] = now
+        stepped[rows[go]] = True
+
+    def expire_idle(self, now: float | None = None) -> int:
+        """Forget streams silent for ``idle_reset`` seconds: they restart from the rest state. Returns how many."""
+        if self.config.idle_reset <= 0:
+            return 0
+        now = time.time() if now is None else now
+        stale = self.table.stale("seen", now - self.config.idle_reset)
+        for key in stale:
+            self.table.drop(key)
+        if stale:
+            self.metrics.resets("idle").inc(len(stale))
+            log.info("pipeline %s: %d idle streams reset", self.name, len(stale),
+                     extra={"event": "idle_reset", "pipeline": self.name, "streams": len(stale)})
+        return len(stale)
+
+    def _decoder(self, model) -> Decoder:
+        config = self.config
+        return Decoder(config.data_format, model.input_size, x_field=config.x_field, seq_field=config.seq_field,
+                       ts_field=config.ts_field, key_field=config.key_field,
+                       fields=list(config.fields) if config.fields else None,
+                       csv_columns=list(config.csv_columns) if config.csv_columns else None,
+                       max_payload_bytes=config.max_payload_bytes)
+
+    def _evicted(self, key) -> None:
+        self.metrics.evictions.inc()
+
+    def new_batch_no(self) -> int:
+        self.next_batch_no += 1
+        return self.next_batch_no - 1
+
+
+def state_shapes(spec) -> tuple:
+    """What a state row holds, layer by layer: (hidden size seen by the next layer, cell size or 0)."""
+    return tuple((layer.unit_output_size, layer.hidden_size if layer.cell == "lstm" else 0) for layer in spec.layers)
+
+
+def _rounds(keys: list[str]) -> list[np.ndarray]:
+    """Row indexes split so that each round holds a key at most once, keeping each key's rows in order.
+
+    One round when the keys are distinct (the common case: one message per stream per micro-batch).
+    """
+    if len(set(keys)) == len(keys):
+        return [np.arange(len(keys))]
+    seen: dict[str, int] = {}
+    rounds: list[list[int]] = []
+    for index, key in enumerate(keys):
+        r = seen.get(key, 0)
+        seen[key] = r + 1
+        if r == len(rounds):
+            rounds.append([])
+        rounds[r].append(index)
+    return [np.array(r, dtype=np.int64) for r in rounds]

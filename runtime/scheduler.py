@@ -1,0 +1,228 @@
+"""The worker: drains the inbox in micro-batches, advances streams, publishes predictions, acks inputs.
+
+One pass over a micro-batch (every message in arrival order):
+
+1. route each message to the pipelines whose subscriptions match its topic, decode it there; a payload
+   that fails is rejected (counted by reason, logged rate-limited, published to the dead-letter topic
+   when one is configured) before any state is touched;
+2. per pipeline, journal the valid samples (``durability = "journal"``), then advance all those streams
+   with one ``step_batch`` call per round (a stream with several messages in the batch gets one round
+   per message, so its order is kept);
+3. publish each prediction; when the broker has every output of a message (and its dead letter), the
+   message is acked. Duplicates and rejected messages without a dead-letter topic are acked at once.
+
+Nothing here blocks on the network: completions arrive on paho's thread and only count down.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+import numpy as np
+
+from .codecs import DecodeError, dead_letter
+from .pipeline import NO_SEQ
+
+log = logging.getLogger(__name__)
+
+
+class Inbox:
+    """The bounded queue between paho's network thread and the worker.
+
+    Policy when full (``max_undelivered_messages``): a QoS 1/2 message blocks the network thread until
+    there is room -- backpressure: the broker holds the rest, nothing is lost; a QoS 0 message is dropped
+    and counted (``edgernn_queue_dropped_total``), as QoS 0 allows.
+    """
+
+    def __init__(self, capacity: int, on_drop=None):
+        self.capacity = capacity
+        self._items: deque = deque()
+        self._ready = threading.Condition()
+        self._on_drop = on_drop or (lambda: None)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item) -> None:
+        with self._ready:
+            while len(self._items) >= self.capacity:
+                if item.qos == 0:
+                    self._on_drop()
+                    return
+                self._ready.wait(0.1)
+            self._items.append(item)
+            self._ready.notify_all()
+
+    def take(self, limit: int, timeout: float) -> list:
+        """Up to ``limit`` items, waiting at most ``timeout`` seconds for the first one."""
+        with self._ready:
+            if not self._items:
+                self._ready.wait(timeout)
+            count = min(limit, len(self._items))
+            batch = [self._items.popleft() for _ in range(count)]
+            if batch:
+                self._ready.notify_all()
+            return batch
+
+
+class _Completion:
+    """Counts down the outputs a message (or a journalled batch) waits for; runs ``then`` at zero."""
+
+    __slots__ = ("remaining", "then")
+
+    def __init__(self, remaining: int, then):
+        self.remaining = remaining
+        self.then = then
+
+
+class Scheduler:
+    """Owns the pipelines' state; runs on one thread (`run`) until `stop` is set."""
+
+    def __init__(self, pipelines, link, inbox: Inbox, metrics, max_batch: int, bad_input_log):
+        self.pipelines = pipelines
+        self.link = link
+        self.inbox = inbox
+        self.metrics = metrics
+        self.max_batch = max_batch
+        self.bad_input_log = bad_input_log
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._in_flight = 0  # messages whose outputs the broker has not all confirmed yet
+        self._done_batches: deque = deque()  # (pipeline, batch_no) whose outputs are all confirmed
+        self._routes: dict[str, list] = {}  # topic -> [(pipeline, topic key)], a cache of routing
+
+    # ---- completion bookkeeping (any thread) -----------------------------------------------------
+    def _complete(self, completion: _Completion) -> None:
+        with self._lock:
+            completion.remaining -= 1
+            if completion.remaining:
+                return
+        completion.then()
+
+    def _message_done(self, inbound) -> None:
+        self.link.ack(inbound)
+        self._settled()
+
+    def _settled(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.notify_all()
+
+    def republish(self, pipeline, batch_no: int, outputs: list) -> None:
+        """Publish a replayed journal batch's predictions [(topic, payload)]; its 'done' record follows."""
+        def finished():
+            self._done_batches.append((pipeline, batch_no))
+            self._settled()
+
+        with self._lock:
+            self._in_flight += 1
+        batch = _Completion(len(outputs), finished)
+        for topic, payload in outputs:
+            self.link.publish(topic, payload, pipeline.publish_qos, pipeline.config.retain,
+                              on_done=lambda: self._complete(batch))
+        if not outputs:
+            finished()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until every published output is confirmed (a consistent point for a snapshot)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._in_flight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+    def finished_batches(self) -> list:
+        """(pipeline, batch_no) pairs confirmed since the last call (journal 'done' records to write)."""
+        done = []
+        while self._done_batches:
+            done.append(self._done_batches.popleft())
+        return done
+
+    # ---- one micro-batch -------------------------------------------------------------------------
+    def take_and_process(self, timeout: float) -> int:
+        items = self.inbox.take(self.max_batch, timeout)
+        if items:
+            self.process(items)
+        return len(items)
+
+    def process(self, items: list) -> None:
+        self.metrics.batches.inc()
+        self.metrics.batch_size.observe(len(items))
+        with self._lock:
+            self._in_flight += len(items)
+        per_pipeline: dict = {}
+        for inbound in items:
+            routes = self._route(inbound.topic)
+            message = _Completion(len(routes), lambda inbound=inbound: self._message_done(inbound))
+            if not routes:  # a retained or stray message outside every pipeline's subscription
+                message.remaining = 1
+                self._complete(message)
+                continue
+            for pipeline, topic_key in routes:
+                pipeline.metrics.messages_in.inc()
+                try:
+                    key, decoded = pipeline.decode(inbound.payload, topic_key)
+                except DecodeError as error:
+                    self._reject(pipeline, inbound, error, message)
+                    continue
+                per_pipeline.setdefault(pipeline, []).append((message, inbound, key, decoded))
+        for pipeline, rows in per_pipeline.items():
+            self._advance(pipeline, rows)
+
+    def _route(self, topic: str) -> list:
+        routes = self._routes.get(topic)
+        if routes is None:
+            routes = [(p, k) for p in self.pipelines if (k := p.topic_key(topic)) is not None]
+            if len(self._routes) >= 100_000:  # bounded: a flood of distinct topics cannot grow it
+                self._routes.clear()
+            self._routes[topic] = routes
+        return routes
+
+    def _reject(self, pipeline, inbound, error: DecodeError, message: _Completion) -> None:
+        pipeline.metrics.rejected(error.reason).inc()
+        self.bad_input_log.warning((pipeline.name, error.reason), "pipeline %s: rejected a payload on %r: %s",
+                                   pipeline.name, inbound.topic, error, pipeline=pipeline.name,
+                                   reason=error.reason, event="rejected")
+        if pipeline.dead_letter_topic is None:
+            self._complete(message)
+            return
+        topic = pipeline.dead_letter_topic.format(pipeline=pipeline.name, key="")
+        body = dead_letter(pipeline.name, inbound.topic, inbound.payload, error.reason, str(error))
+        pipeline.metrics.dead_letters.inc()
+        self.link.publish(topic, body, qos=max(inbound.qos, 1) if inbound.qos else 0,
+                          on_done=lambda: self._complete(message))
+
+    def _advance(self, pipeline, rows: list) -> None:
+        keys = [key for _, _, key, _ in rows]
+        seqs = np.fromiter((NO_SEQ if d.seq is None else d.seq for *_, d in rows), np.int64, len(rows))
+        X = np.stack([d.x for *_, d in rows])
+        batch_no = pipeline.new_batch_no()
+        pipeline.store.append_batch(batch_no, keys, seqs, X, _timestamps(rows))
+        Y, stepped = pipeline.advance(keys, seqs, X)
+        published = int(stepped.sum())
+        batch = _Completion(published, lambda: self._done_batches.append((pipeline, batch_no)))
+        if not published:
+            self._done_batches.append((pipeline, batch_no))
+        qos, retain = pipeline.publish_qos, pipeline.config.retain
+        now = time.monotonic()
+        latency = self.metrics.latency_seconds
+        for index, (message, inbound, key, decoded) in enumerate(rows):
+            if not stepped[index]:
+                self._complete(message)
+                continue
+            payload = pipeline.encoder.encode(key, Y[index], decoded.seq, decoded.ts)
+            latency.observe(now - inbound.received)
+            self.link.publish(pipeline.output_topic(key), payload, qos, retain,
+                              on_done=lambda m=message: (self._complete(m), self._complete(batch)))
+        pipeline.metrics.messages_out.inc(published)
+
+
+def _timestamps(rows) -> np.ndarray:
+    return np.fromiter((np.nan if d.ts is None else d.ts for *_, d in rows), np.float64, len(rows))

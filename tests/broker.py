@@ -1,0 +1,134 @@
+"""A real Mosquitto for the daemon's tests, on a free loopback port, with its own config and data dir.
+
+Never the system broker (127.0.0.1:1883): each test gets its own, which it may stop, kill and restart.
+Persistence is on and ``max_queued_messages`` is unlimited, so a persistent session keeps every QoS 1
+message while its client is away (Mosquitto's default keeps only 1000 -- the README says so too).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+
+def mosquitto_binary() -> str | None:
+    return shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+                                              if Path(p).exists()), None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Mosquitto:
+    def __init__(self, directory: Path, port: int | None = None, extra_config: str = ""):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.config = self.directory / "mosquitto.conf"
+        self.config.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence true\n"
+            f"persistence_location {self.directory}/\n"
+            "max_queued_messages 0\n"
+            "log_dest none\n" + extra_config)
+        self.process = None
+
+    def start(self) -> "Mosquitto":
+        binary = mosquitto_binary()
+        if binary is None:
+            raise RuntimeError("mosquitto is not installed (make test installs it: apt-get install mosquitto)")
+        self.process = subprocess.Popen([binary, "-c", str(self.config)], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mosquitto exited: {self.process.stderr.read().decode(errors='replace')}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"mosquitto did not listen on port {self.port} within 10 s")
+
+    def stop(self) -> None:
+        """A clean stop: Mosquitto writes its persistence file (sessions, queued messages)."""
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+class Client:
+    """A test MQTT client: publishes samples, collects predictions by (key, seq)."""
+
+    def __init__(self, port: int, client_id: str = "", subscribe: str | None = None):
+        persistent = bool(client_id)  # a named client keeps its session (and messages) across broker restarts
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=not persistent)
+        self.client.reconnect_delay_set(1, 1)
+        self.messages: list[tuple[str, bytes]] = []
+        self.by_topic = defaultdict(list)
+        self._received = threading.Condition()
+        self._subscription = subscribe
+        self._subscribed = threading.Event()
+        self.client.on_message = self._on_message
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        if subscribe:
+            assert self._subscribed.wait(5), "no SUBACK"
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if self._subscription:
+            client.subscribe(self._subscription, qos=1)
+
+    def _on_message(self, client, userdata, message):
+        with self._received:
+            self.messages.append((message.topic, message.payload))
+            self.by_topic[message.topic].append(message.payload)
+            self._received.notify_all()
+
+    def publish(self, topic: str, payload, qos: int = 1, retain: bool = False, wait: bool = True) -> None:
+        if isinstance(payload, dict):
+            payload = json.dumps(payload)
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if wait:
+            info.wait_for_publish(10)
+
+    def wait_for(self, count: int, timeout: float = 20.0) -> list:
+        deadline = time.monotonic() + timeout
+        with self._received:
+            while len(self.messages) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._received.wait(left)
+            return list(self.messages)
+
+    def predictions(self) -> dict:
+        """{(key, seq): y} from every JSON prediction received (a repeated one must be identical)."""
+        out = {}
+        for _, payload in self.messages:
+            body = json.loads(payload)
+            out.setdefault(body["key"], {})[body.get("seq")] = body["y"]
+        return out
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()

@@ -1,0 +1,122 @@
+"""Building blocks of the daemon's tests: a model file, a config file, the daemon in-process or as a process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import edgernn
+from edgernn.runtime.config import load_config
+from edgernn.runtime.daemon import Daemon
+
+from helpers import random_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_model(path: Path, cell: str = "gru", seed: int = 0, input_size: int = 3, hidden: int = 12,
+                head: tuple = (2,)) -> "edgernn.Model":
+    model = random_model(cell, seed=seed, input_size=input_size, hidden=hidden, head=head)
+    edgernn.save(model, path)
+    return edgernn.load(path)
+
+
+def write_config(directory: Path, port: int, pipeline: str = "", top: str = "", state: str = "",
+                 model: str = "model.ern", client_id: str = "edgernn-test") -> Path:
+    """The issue's minimal config, on the test broker's port, plus extra TOML lines per table."""
+    path = directory / "edgernn.toml"
+    path.write_text(f"""{top}
+[broker]
+host = "127.0.0.1"
+port = {port}
+client_id = "{client_id}"
+min_reconnect_interval = 1.0
+max_reconnect_interval = 2.0
+
+[[pipelines]]
+name = "imu"
+model = "{model}"
+subscribe = "sensors/+/imu"
+publish = "predictions/{{key}}/imu"
+qos = 1
+{pipeline}
+
+[state]
+dir = "{directory / 'state'}"
+{state}
+
+[log]
+level = "debug"
+""")
+    return path
+
+
+def start_daemon(config_path: Path) -> Daemon:
+    daemon = Daemon(load_config(config_path))
+    daemon.start()
+    assert daemon.link.connected.wait(10), "the daemon did not connect"
+    time.sleep(0.2)  # the SUBACK
+    return daemon
+
+
+class DaemonProcess:
+    """``python -m edgernn serve`` as a real process: for SIGTERM, SIGKILL and restarts."""
+
+    def __init__(self, config_path: Path, log_path: Path):
+        self.config_path, self.log_path = config_path, log_path
+        self.process = None
+
+    def start(self, status_client=None) -> "DaemonProcess":
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "edgernn", "serve", "--config", str(self.config_path)],
+                                        stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # ready when its log says it serves
+            if self.process.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.process.returncode}: {self.log_path.read_text()[-3000:]}")
+            if b'"event": "started"' in self.log_path.read_bytes():
+                time.sleep(0.3)
+                return self
+            time.sleep(0.1)
+        raise RuntimeError(f"daemon did not start: {self.log_path.read_text()[-3000:]}")
+
+    def terminate(self, timeout: float = 30) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout)
+        self._log.close()
+        self.log_path.write_bytes(self.log_path.read_bytes().replace(b'"event": "started"', b'"event": "was-started"'))
+        return code
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(10)
+        self._log.close()
+        self.log_path.write_bytes(self.log_path.read_bytes().replace(b'"event": "started"', b'"event": "was-started"'))
+
+
+def sample(key_index: int, seq: int, input_size: int = 3) -> np.ndarray:
+    """A deterministic sample of stream ``key_index`` at ``seq`` (float32-exact through JSON)."""
+    rng = np.random.default_rng(1000 * key_index + seq)
+    return rng.standard_normal(input_size).astype(np.float32)
+
+
+def payload(key_index: int, seq: int | None, input_size: int = 3, ts: float | None = None) -> dict:
+    body = {"x": [float(v) for v in sample(key_index, seq or 0, input_size)]}
+    if seq is not None:
+        body["seq"] = seq
+    if ts is not None:
+        body["ts"] = ts
+    return body
+
+
+def offline(model, key_index: int, seqs, input_size: int = 3) -> np.ndarray:
+    """What an uninterrupted run gives for a stream's samples ``seqs``, in order."""
+    xs = np.stack([sample(key_index, s, input_size) for s in seqs])
+    return model.run(xs, model.new_state())

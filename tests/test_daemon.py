@@ -1,0 +1,399 @@
+"""The daemon against a real Mosquitto: parity with an offline run, bad input, duplicates, restarts.
+
+Predictions travel as JSON with 9 significant digits, which round-trip float32 exactly; the batched
+kernels and `Model.run` agree to float32 rounding, so parity is checked at 1e-5 absolute.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+import edgernn
+from broker import Client, Mosquitto, mosquitto_binary
+from daemon_harness import (DaemonProcess, offline, payload, sample, start_daemon, write_config, write_model)
+
+pytestmark = [pytest.mark.broker,
+              pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed (make test installs it)")]
+
+ATOL = 1e-5
+
+
+@pytest.fixture
+def broker(tmp_path):
+    server = Mosquitto(tmp_path / "broker").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def model(tmp_path):
+    return write_model(tmp_path / "model.ern")
+
+
+def _check(received: dict, model, expected_seqs: dict) -> None:
+    """Every stream got exactly the predictions an uninterrupted offline run gives, for every seq."""
+    for key_index, seqs in expected_seqs.items():
+        key = f"dev{key_index}"
+        got = received.get(key, {})
+        assert sorted(got) == sorted(seqs), f"{key}: predictions for seqs {sorted(got)}, expected {sorted(seqs)}"
+        want = offline(model, key_index, seqs)
+        np.testing.assert_allclose(np.array([got[s] for s in seqs]), want, atol=ATOL, err_msg=key)
+
+
+def _publish_streams(client, streams: int, seqs, qos: int = 1) -> None:
+    """Interleaved: seq 0 of every stream, then seq 1 of every stream, ..."""
+    for seq in seqs:
+        for k in range(streams):
+            client.publish(f"sensors/dev{k}/imu", payload(k, seq), qos=qos, wait=False)
+    client.client.publish("flush/marker", b"", qos=1).wait_for_publish(10)
+
+
+def _count(collector, n, timeout=30):
+    got = collector.wait_for(n, timeout)
+    assert len(got) >= n, f"received {len(got)} predictions, expected {n}"
+
+
+def test_interleaved_streams_equal_offline_runs(tmp_path, broker, model):
+    daemon = start_daemon(write_config(tmp_path, broker.port))
+    collector = Client(broker.port, subscribe="predictions/#")
+    sender = Client(broker.port)
+    try:
+        _publish_streams(sender, 6, range(30))
+        _count(collector, 6 * 30)
+        _check(collector.predictions(), model, {k: list(range(30)) for k in range(6)})
+        body = json.loads(collector.messages[0][1])
+        assert set(body) == {"y", "seq", "key"} and body["key"] == "dev0"
+        assert collector.messages[0][0] == "predictions/dev0/imu"
+        pipeline = daemon.pipelines[0]
+        assert len(pipeline.table) == 6
+        assert daemon.metrics.pipeline("imu").messages_out._value.get() == 180
+    finally:
+        sender.close(), collector.close(), daemon.stop()
+
+
+def test_every_kind_of_bad_payload_is_rejected_counted_and_dead_lettered(tmp_path, broker, model):
+    config = write_config(tmp_path, broker.port, pipeline='dead_letter = "edgernn/dead/{pipeline}"\n'
+                                                          "max_payload_bytes = 512")
+    daemon = start_daemon(config)
+    collector = Client(broker.port, subscribe="predictions/#")
+    dead = Client(broker.port, subscribe="edgernn/dead/#")
+    sender = Client(broker.port)
+    bad = {
+        "not_json": b"{not json",
+        "not_utf8": b"\xff\xfe\x00",
+        "not_object": b"[1, 2, 3]",
+        "missing_field": b'{"seq": 1}',
+        "wrong_type": b'{"x": ["a", "b", "c"]}',
+        "wrong_length": b'{"x": [1.0, 2.0]}',
+        "not_finite": b'{"x": [1.0, NaN, 2.0]}',
+        "bad_seq": b'{"x": [1.0, 2.0, 3.0], "seq": -4}',
+        "bad_ts": b'{"x": [1.0, 2.0, 3.0], "ts": "yesterday"}',
+        "oversize": b'{"x": [1.0, 2.0, 3.0], "pad": "' + b"a" * 600 + b'"}',
+    }
+    try:
+        for seq in range(10):
+            for k in range(3):
+                sender.publish(f"sensors/dev{k}/imu", payload(k, seq), wait=False)
+            reason = list(bad)[seq]
+            sender.publish(f"sensors/dev{seq % 3}/imu", bad[reason], wait=False)  # into a valid stream
+            sender.publish("sensors/evil/imu", bad[reason], wait=False)           # and a stream of its own
+        _count(collector, 30)
+        dead.wait_for(20)
+        _check(collector.predictions(), model, {k: list(range(10)) for k in range(3)})
+        metrics = daemon.metrics.text().decode()
+        for reason in bad:
+            assert f'edgernn_rejected_total{{pipeline="imu",reason="{reason}"}} 2.0' in metrics, reason
+        assert "evil" not in daemon.pipelines[0].table
+        letters = [json.loads(p) for _, p in dead.messages]
+        assert len(letters) == 20 and {l["reason"] for l in letters} == set(bad)
+        assert all(l["pipeline"] == "imu" and l["topic"].startswith("sensors/") for l in letters)
+    finally:
+        sender.close(), collector.close(), dead.close(), daemon.stop()
+
+
+def test_duplicates_do_not_advance_the_state(tmp_path, broker, model):
+    daemon = start_daemon(write_config(tmp_path, broker.port))
+    collector = Client(broker.port, subscribe="predictions/#")
+    sender = Client(broker.port)
+    try:
+        for seq in (0, 1, 1, 2, 0, 2, 3, 3):
+            sender.publish("sensors/dev0/imu", payload(0, seq))
+        _count(collector, 4)
+        time.sleep(0.3)
+        assert len(collector.messages) == 4
+        _check(collector.predictions(), model, {0: [0, 1, 2, 3]})
+        assert daemon.metrics.pipeline("imu").duplicates._value.get() == 4
+    finally:
+        sender.close(), collector.close(), daemon.stop()
+
+
+def test_a_seq_gap_resets_the_stream_when_configured(tmp_path, broker, model):
+    daemon = start_daemon(write_config(tmp_path, broker.port, pipeline='seq_gap = "reset"'))
+    collector = Client(broker.port, subscribe="predictions/#")
+    sender = Client(broker.port)
+    try:
+        for seq in (0, 1, 2, 7, 8):
+            sender.publish("sensors/dev0/imu", payload(0, seq))
+        _count(collector, 5)
+        got = collector.predictions()["dev0"]
+        np.testing.assert_allclose([got[s] for s in (0, 1, 2)], offline(model, 0, [0, 1, 2]), atol=ATOL)
+        np.testing.assert_allclose([got[s] for s in (7, 8)], offline(model, 0, [7, 8]), atol=ATOL)  # fresh state
+        assert daemon.metrics.pipeline("imu").seq_gaps._value.get() == 1
+    finally:
+        sender.close(), collector.close(), daemon.stop()
+
+
+def test_broker_restart_mid_stream_loses_nothing(tmp_path, broker, model):
+    daemon = start_daemon(write_config(tmp_path, broker.port))
+    collector = Client(broker.port, client_id="collector", subscribe="predictions/#")
+    sender = Client(broker.port, client_id="sender")
+    try:
+        _publish_streams(sender, 4, range(20))
+        _count(collector, 80)
+        broker.restart()
+        assert daemon.link.connected.wait(15), "the daemon did not reconnect"
+        time.sleep(1.5)  # the test clients reconnect too
+        _publish_streams(sender, 4, range(20, 40))
+        _count(collector, 160)
+        _check(collector.predictions(), model, {k: list(range(40)) for k in range(4)})
+        assert daemon.metrics.reconnects._value.get() >= 1
+    finally:
+        sender.close(), collector.close(), daemon.stop()
+
+
+def test_sigterm_and_restart_continue_every_stream(tmp_path, broker, model):
+    config = write_config(tmp_path, broker.port)
+    process = DaemonProcess(config, tmp_path / "daemon.log").start()
+    collector = Client(broker.port, subscribe="predictions/#")
+    sender = Client(broker.port)
+    try:
+        _publish_streams(sender, 3, range(15))
+        _count(collector, 45)
+        assert process.terminate() == 0
+        assert (tmp_path / "state" / "imu.snapshot").exists()
+        _publish_streams(sender, 3, range(15, 30))  # while the daemon is away: the broker keeps them
+        time.sleep(0.5)
+        assert len(collector.messages) == 45
+        process.start()
+        _count(collector, 90)
+        _check(collector.predictions(), model, {k: list(range(30)) for k in range(3)})
+    finally:
+        sender.close(), collector.close()
+        if process.process.poll() is None:
+            process.terminate()
+
+
+def test_kill_9_with_the_journal_loses_nothing(tmp_path, broker, model):
+    config = write_config(tmp_path, broker.port, state='durability = "journal"\nsnapshot_interval = 3600')
+    process = DaemonProcess(config, tmp_path / "daemon.log").start()
+    collector = Client(broker.port, subscribe="predictions/#")
+    sender = Client(broker.port)
+    streams, total = 4, 120
+    try:
+        publisher = threading.Thread(target=_publish_slowly, args=(sender, streams, total))
+        publisher.start()
+        for kill_after in (60, 200, 330):  # predictions received when each kill -9 lands, mid-flow
+            collector.wait_for(kill_after, 30)
+            process.kill()
+            time.sleep(0.3)
+            process.start()
+        publisher.join()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and sum(map(len, collector.predictions().values())) < streams * total:
+            time.sleep(0.2)
+        _check(collector.predictions(), model, {k: list(range(total)) for k in range(streams)})
+    finally:
+        sender.close(), collector.close()
+        if process.process.poll() is None:
+            process.terminate()
+
+
+def _publish_slowly(sender, streams, total):
+    for seq in range(total):
+        for k in range(streams):
+            sender.publish(f"sensors/dev{k}/imu", payload(k, seq), wait=False)
+        time.sleep(0.01)
+
+
+def test_sighup_reload_keeps_states_of_the_same_shape_and_resets_others(tmp_path, broker, model):
+    daemon = start_daemon(write_config(tmp_path, broker.port))
+    collector = Client(broker.port, subscribe="predictions/#")
+    sender = Client(broker.port)
+    try:
+        for seq in range(5):
+            sender.publish("sensors/dev0/imu", payload(0, seq))
+        _count(collector, 5)
+        same_shape = write_model(tmp_path / "model.ern", seed=7)  # new weights, same state shapes
+        daemon.reload()
+        time.sleep(0.5)
+        for seq in range(5, 8):
+            sender.publish("sensors/dev0/imu", payload(0, seq))
+        _count(collector, 8)
+        state = model.new_state()
+        model.run(np.stack([sample(0, s) for s in range(5)]), state)
+        want = same_shape.run(np.stack([sample(0, s) for s in range(5, 8)]), state)
+        got = collector.predictions()["dev0"]
+        np.testing.assert_allclose([got[s] for s in (5, 6, 7)], want, atol=ATOL)
+
+        other_shape = write_model(tmp_path / "model.ern", seed=3, hidden=20)
+        daemon.reload()
+        time.sleep(0.5)
+        for seq in range(8, 10):
+            sender.publish("sensors/dev0/imu", payload(0, seq))
+        _count(collector, 10)
+        got = collector.predictions()["dev0"]
+        np.testing.assert_allclose([got[s] for s in (8, 9)], offline(other_shape, 0, [8, 9]), atol=ATOL)
+    finally:
+        sender.close(), collector.close(), daemon.stop()
+
+
+def test_status_topic_is_retained_and_the_will_says_offline(tmp_path, broker, model):
+    process = DaemonProcess(write_config(tmp_path, broker.port), tmp_path / "daemon.log").start()
+    watcher = Client(broker.port, subscribe="edgernn/edgernn-test/status")
+    try:
+        watcher.wait_for(1, 5)
+        assert watcher.messages[-1][1] == b"online"
+        process.kill()
+        watcher.wait_for(2, 10)
+        assert watcher.messages[-1][1] == b"offline"
+    finally:
+        watcher.close()
+
+
+def test_metrics_endpoint_and_stats_topic(tmp_path, broker, model):
+    config = write_config(tmp_path, broker.port,
+                          top="", state="")
+    text = config.read_text() + '\n[metrics]\nlisten = "127.0.0.1:0"\nstats_topic = "edgernn/{client_id}/stats"\nstats_interval = 0.5\n'
+    config.write_text(text)
+    daemon = start_daemon(config)
+    stats = Client(broker.port, subscribe="edgernn/+/stats")
+    sender = Client(broker.port)
+    try:
+        for seq in range(3):
+            sender.publish("sensors/dev0/imu", payload(0, seq))
+        sender.publish("sensors/dev0/imu", b"garbage")
+        time.sleep(1.2)
+        host, port = daemon.metrics_address
+        page = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read().decode()
+        assert 'edgernn_messages_in_total{pipeline="imu"} 4.0' in page
+        assert 'edgernn_messages_out_total{pipeline="imu"} 3.0' in page
+        assert 'edgernn_rejected_total{pipeline="imu",reason="not_json"} 1.0' in page
+        assert "edgernn_step_seconds_bucket" in page
+        stats.wait_for(1, 5)
+        assert json.loads(stats.messages[-1][1])
+    finally:
+        sender.close(), stats.close(), daemon.stop()
+
+
+def test_payload_formats_and_keys_from_a_field(tmp_path, broker, model):
+    pipelines = f"""
+[[pipelines]]
+name = "csv"
+model = "model.ern"
+subscribe = "csv/+"
+publish = "out/{{pipeline}}/{{key}}"
+data_format = "csv"
+csv_columns = ["seq", "a", "b", "c"]
+
+[[pipelines]]
+name = "raw"
+model = "model.ern"
+subscribe = "raw/+/data"
+publish = "out/{{pipeline}}/{{key}}"
+data_format = "raw"
+output_format = "raw"
+
+[[pipelines]]
+name = "named"
+model = "model.ern"
+subscribe = "named/all"
+publish = "out/{{pipeline}}/{{key}}"
+fields = ["ax", "ay", "az"]
+key_field = "device"
+"""
+    config = write_config(tmp_path, broker.port)
+    config.write_text(config.read_text().replace("[state]", pipelines + "\n[state]"))
+    daemon = start_daemon(config)
+    collector = Client(broker.port, subscribe="out/#")
+    sender = Client(broker.port)
+    try:
+        for seq in range(4):
+            x = sample(0, seq)
+            sender.publish("csv/dev0", ",".join([str(seq)] + [repr(float(v)) for v in x]))
+            sender.publish("raw/dev0/data", x.astype("<f4").tobytes())
+            sender.publish("named/all", {"device": "dev0", "ax": float(x[0]), "ay": float(x[1]), "az": float(x[2])})
+        collector.wait_for(12)
+        want = offline(model, 0, range(4))
+        csv = [json.loads(p)["y"] for p in collector.by_topic["out/csv/dev0"]]
+        raw = [np.frombuffer(p, "<f4") for p in collector.by_topic["out/raw/dev0"]]
+        named = [json.loads(p)["y"] for p in collector.by_topic["out/named/dev0"]]
+        for got in (csv, raw, named):
+            np.testing.assert_allclose(np.array(got), want, atol=ATOL)
+    finally:
+        sender.close(), collector.close(), daemon.stop()
+
+
+def test_idle_streams_restart_from_the_rest_state(tmp_path, broker, model):
+    daemon = start_daemon(write_config(tmp_path, broker.port, pipeline="idle_reset = 0.4"))
+    collector = Client(broker.port, subscribe="predictions/#")
+    sender = Client(broker.port)
+    try:
+        for seq in range(3):
+            sender.publish("sensors/dev0/imu", payload(0, seq))
+        _count(collector, 3)
+        time.sleep(1.5)
+        assert "dev0" not in daemon.pipelines[0].table
+        sender.publish("sensors/dev0/imu", payload(0, 3))
+        _count(collector, 4)
+        got = collector.predictions()["dev0"]
+        np.testing.assert_allclose(got[3], offline(model, 0, [3])[0], atol=ATOL)
+    finally:
+        sender.close(), collector.close(), daemon.stop()
+
+
+def test_max_streams_evicts_the_least_recently_used(tmp_path, broker, model):
+    daemon = start_daemon(write_config(tmp_path, broker.port, pipeline="max_streams = 2"))
+    collector = Client(broker.port, subscribe="predictions/#")
+    sender = Client(broker.port)
+    try:
+        for k in range(4):
+            sender.publish(f"sensors/dev{k}/imu", payload(k, 0))
+        _count(collector, 4)
+        assert len(daemon.pipelines[0].table) == 2
+        assert daemon.metrics.pipeline("imu").evictions._value.get() == 2
+    finally:
+        sender.close(), collector.close(), daemon.stop()
+
+
+def test_onnxruntime_backend_gives_the_same_predictions(tmp_path, broker, model):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from edgernn.converters import to_onnx
+
+    to_onnx(model, tmp_path / "step.onnx")
+    config = write_config(tmp_path, broker.port, pipeline='backend = "onnxruntime"\nonnx_model = "step.onnx"')
+    daemon = start_daemon(config)
+    collector = Client(broker.port, subscribe="predictions/#")
+    sender = Client(broker.port)
+    try:
+        _publish_streams(sender, 3, range(10))
+        _count(collector, 30)
+        _check(collector.predictions(), model, {k: list(range(10)) for k in range(3)})
+        assert daemon.pipelines[0].backend.provider == "CPUExecutionProvider"
+    finally:
+        sender.close(), collector.close(), daemon.stop()
+
+
+def test_a_bad_model_file_stops_the_start_with_its_name(tmp_path, broker):
+    (tmp_path / "model.ern").write_bytes(b"not a model")
+    from edgernn.runtime.config import load_config
+    from edgernn.runtime.daemon import Daemon
+
+    with pytest.raises(edgernn.FormatError, match="model.ern"):
+        Daemon(load_config(write_config(tmp_path, broker.port)))
