@@ -157,6 +157,7 @@ class Daemon:
                           extra={"event": "snapshot_failed", "pipeline": pipeline.name})
 
     def _reload_models(self) -> None:
+        self.notifier.reloading()
         self._snapshot()
         for pipeline in self.pipelines:
             try:
@@ -170,6 +171,7 @@ class Daemon:
             log.info("pipeline %s: model reloaded (%s)", pipeline.name, "states kept" if kept else "states reset",
                      extra={"event": "reloaded", "pipeline": pipeline.name, "states_kept": kept})
         self._snapshot()
+        self.notifier.ready()
 
     def _publish_stats(self) -> None:
         topic = self.config.metrics.stats_topic

@@ -15,6 +15,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest, start_http_server
 
+from .config import parse_listen_address
+
 log = logging.getLogger(__name__)
 
 PREFIX = "edgernn"
@@ -131,7 +133,7 @@ class Metrics:
         """
         if self._server is not None:
             raise RuntimeError("metrics endpoint already serving")
-        host, port = parse_listen(listen)
+        host, port = parse_listen_address(listen)
         served = start_http_server(port, host, registry=self.registry)
         if not isinstance(served, tuple):  # prometheus_client < 0.15 returned nothing: no way to stop it
             raise RuntimeError("prometheus-client >= 0.17 is required (start_http_server must return the server)")
@@ -186,21 +188,6 @@ class Metrics:
             "latency_p99_s": _rounded(quantile_from_buckets(latency, 0.99)),
             "pipelines": pipelines,
         }
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """``"host:port"`` -> (host, port); ``"[::1]:0"`` for IPv6; ``":9464"`` binds all IPv4 addresses."""
-    host, sep, port_text = str(listen).rpartition(":")
-    if not sep:
-        raise ValueError(f"metrics listen address {listen!r}: expected 'host:port'")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    try:
-        port = int(port_text)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        raise ValueError(f"metrics listen address {listen!r}: port must be 0..65535")
-    return host or "0.0.0.0", port
 
 
 def quantile_from_buckets(buckets: list[tuple[float, float]], q: float) -> float | None:

@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from edgernn.runtime.metrics import (BATCH_BUCKETS, LATENCY_BUCKETS, RESET_CAUSES, STEP_BUCKETS, Metrics,
-                                     parse_listen, quantile_from_buckets)
+                                     quantile_from_buckets)
 
 REASONS = ("not_json", "wrong_length", "non_finite", "oversize")
 
@@ -121,22 +121,6 @@ def test_serve_on_a_free_port_then_stop(metrics):
     with pytest.raises((urllib.error.URLError, ConnectionError)):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
     metrics.stop()  # a second stop does nothing
-
-
-@pytest.mark.parametrize("listen, expected", [
-    ("127.0.0.1:9464", ("127.0.0.1", 9464)),
-    (":0", ("0.0.0.0", 0)),
-    ("[::1]:9464", ("::1", 9464)),
-    ("localhost:65535", ("localhost", 65535)),
-])
-def test_parse_listen(listen, expected):
-    assert parse_listen(listen) == expected
-
-
-@pytest.mark.parametrize("listen", ["9464", "host:", "host:http", "host:70000", "host:-1"])
-def test_parse_listen_refuses_malformed_addresses(listen):
-    with pytest.raises(ValueError, match="listen"):
-        parse_listen(listen)
 
 
 # ---- quantiles and the stats summary ---------------------------------------------------------------------
