@@ -419,7 +419,9 @@ class StateStore:
                                             "pipeline": self.pipeline})
         self._close_journal()
         self.generation = generation
-        self._header["generation"] = generation
+        # The model may have been reloaded since the last journal: the next one belongs to this one.
+        self._header.update(generation=generation, input_size=int(table.model.input_size),
+                            model=table.fingerprint())
         self._pending.clear()
         if self.durability == "journal":
             self._start_journal()  # should this fail, the next append_batch tries again
