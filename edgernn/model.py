@@ -170,17 +170,21 @@ class Model:
         return ys
 
     # ---- many streams --------------------------------------------------------------------------
-    def step_batch(self, states: np.ndarray, slots, X, out: np.ndarray | None = None) -> np.ndarray:
+    def step_batch(self, states: np.ndarray, slots, X, out: np.ndarray | None = None,
+                   parallel: bool | None = None) -> np.ndarray:
         """Advance rows ``states[slots]`` of a state table by one sample each: X (n, input_size) -> Y.
 
         ``states`` is a (capacity, state_size) float32 table (see `edgernn.StreamTable`); ``slots`` (n,)
         must be distinct. Rows not named are untouched. Large batches run on all of Numba's threads.
         ``out``, a float32 (n, output_size) array, receives Y instead of a new array: a tick loop that
         reuses one saves allocating (and page-faulting in) megabytes per tick.
+        ``parallel``: run on Numba's threads (True), on the calling thread (False), or by batch size (None:
+        from `PARALLEL_MIN_STREAMS` rows). A process whose other threads are busy (the daemon's MQTT
+        thread) is better served on one thread: waking the pool then costs more than it saves.
         """
-        return self._step_rows(states, slots, X, "X", out)
+        return self._step_rows(states, slots, X, "X", out, parallel)
 
-    def _step_rows(self, states, slots, X, name: str, out=None) -> np.ndarray:
+    def _step_rows(self, states, slots, X, name: str, out=None, parallel=None) -> np.ndarray:
         if not self.streamable:
             self._refuse_streaming()
         _check_state(states, self.state_size, 2)
@@ -188,7 +192,9 @@ class Model:
         X = _as_float32(X, name, 2)
         Y = np.empty((X.shape[0], self.output_size), np.float32) if out is None else out
         _check_out(Y, (X.shape[0], self.output_size))
-        kernel = _kernel("step_rows_parallel" if X.shape[0] >= PARALLEL_MIN_STREAMS else "step_rows")
+        if parallel is None:
+            parallel = X.shape[0] >= PARALLEL_MIN_STREAMS
+        kernel = _kernel("step_rows_parallel" if parallel else "step_rows")
         with self._batch_lock:
             if len(self._marks) < len(states):
                 self._marks = np.zeros(len(states), np.uint8)
