@@ -42,12 +42,12 @@ TICK = 0.05
 class Daemon:
     def __init__(self, config):
         self.config = config
-        self.metrics = Metrics([p.name for p in config.pipelines], REJECT_REASONS)
+        self.metrics = Metrics([p.name for p in config.pipelines], REJECT_REASONS + ("internal",))
         self.pipelines = [Pipeline(p, config.state, self.metrics.pipeline(p.name)) for p in config.pipelines]
         self.inbox = Inbox(config.daemon.max_undelivered_messages, on_drop=self.metrics.queue_dropped.inc)
         subscriptions = [(pattern, p.config.qos) for p in self.pipelines for pattern in p.config.subscribe]
         self.link = MqttLink(config.broker, subscriptions, self.inbox.put, self._connection_changed,
-                             max_inflight=max(100, 2 * config.daemon.max_batch))
+                             receive_maximum=config.daemon.max_undelivered_messages)
         self.scheduler = Scheduler(self.pipelines, self.link, self.inbox, self.metrics, config.daemon.max_batch,
                                    RateLimitedLog(log, config.log.bad_input_interval))
         self.notifier = Notifier()
@@ -92,6 +92,7 @@ class Daemon:
         """Drain, snapshot, go offline. Bounded by ``shutdown_timeout`` (plus one micro-batch)."""
         self.stopping.set()
         self.notifier.stopping()
+        self.inbox.close()  # nothing more is taken: what still arrives stays unacked, for after the restart
         if self._worker is not None:
             self._worker.join(self.config.daemon.shutdown_timeout + 5)
         self.link.stop()
@@ -128,33 +129,42 @@ class Daemon:
                 self._snapshot()
                 next_snapshot = time.monotonic() + snapshot_every
             if now >= next_idle:
+                expired = sum(pipeline.expire_idle() for pipeline in self.pipelines)
                 for pipeline in self.pipelines:
-                    pipeline.expire_idle()
                     pipeline.metrics.streams_live.set(len(pipeline.table))
+                if expired and self.config.state.durability == "journal":
+                    self._snapshot()  # the journal does not record idle resets: a replay must start after them
+                    next_snapshot = time.monotonic() + snapshot_every
                 next_idle = now + idle_every
             if stats_every and now >= next_stats:
                 self._publish_stats()
                 next_stats = now + stats_every
-        self._snapshot(self.config.daemon.shutdown_timeout)
+        if not self._snapshot(self.config.daemon.shutdown_timeout) and self.config.state.durability == "snapshot":
+            # Outputs confirmed from now on must not ack their inputs: the state on disk lacks them, so the
+            # broker has to deliver them again after the restart.
+            self.scheduler.acking = False
 
     def _write_done_records(self) -> None:
         for pipeline, batch_no in self.scheduler.finished_batches():
             pipeline.store.mark_done(batch_no)
 
-    def _snapshot(self, timeout: float | None = None) -> None:
+    def _snapshot(self, timeout: float | None = None) -> bool:
         """Snapshot every pipeline once every output in flight is confirmed (skipped, and said, if not)."""
         timeout = self.config.daemon.shutdown_timeout if timeout is None else timeout
         if not self.scheduler.wait_idle(timeout):
             log.warning("snapshot skipped: outputs still unconfirmed after %g s (broker unreachable?)", timeout,
                         extra={"event": "snapshot_skipped"})
-            return
+            return False
         self._write_done_records()
+        written = True
         for pipeline in self.pipelines:
             try:
                 pipeline.store.snapshot(pipeline.table)
             except OSError as error:
+                written = False
                 log.error("pipeline %s: snapshot failed: %s", pipeline.name, error,
                           extra={"event": "snapshot_failed", "pipeline": pipeline.name})
+        return written
 
     def _reload_models(self) -> None:
         self.notifier.reloading()

@@ -31,6 +31,8 @@ from .persistence import StateStore
 log = logging.getLogger(__name__)
 
 SEQ_RESTART_DISTANCE = 1000
+MAX_KEY_LENGTH = 1024
+"""Longest stream key accepted (characters): keys live in snapshots, journals and topics."""
 NO_SEQ = -1
 STREAM_COLUMNS = {"seq": (np.int64, NO_SEQ), "seen": (np.float64, 0.0)}
 """Per-stream bookkeeping kept beside each state and saved in snapshots: last seq, last-seen wall time."""
@@ -81,14 +83,24 @@ class Pipeline:
         return None
 
     def decode(self, payload: bytes, topic_key: str):
-        """(stream key, `Decoded`); raises `DecodeError` for anything a payload can get wrong."""
+        """(stream key, output topic, `Decoded`); raises `DecodeError` for anything a payload can get wrong.
+
+        The output topic is built here, before any state is touched, so a key that cannot make a topic
+        (empty, too long, or with a wildcard) is a rejected payload, not a failure after stepping.
+        """
         decoded = self.decoder.decode(payload)
         key = decoded.key if self.config.key_field else topic_key
         if not key:
             raise DecodeError("bad_key", "empty stream key")
-        return key, decoded
+        if len(key) > MAX_KEY_LENGTH:
+            raise DecodeError("bad_key", f"stream key of {len(key)} characters (at most {MAX_KEY_LENGTH})")
+        try:
+            topic = self.publish_topic.format(key=key, pipeline=self.name)
+        except ValueError as error:
+            raise DecodeError("bad_key", f"stream key {key[:80]!r} makes no valid topic: {error}") from None
+        return key, topic, decoded
 
-    def output_topic(self, key: str) -> str:
+    def output_topic(self, key: str) -> str:  # for keys that passed `decode` (journal replay)
         return self.publish_topic.format(key=key, pipeline=self.name)
 
     # ---- advancing streams -----------------------------------------------------------------------
@@ -101,7 +113,7 @@ class Pipeline:
         now = time.time() if now is None else now
         Y = np.empty((len(keys), self.model.output_size), np.float32)
         stepped = np.zeros(len(keys), bool)
-        for rows in _rounds(keys):
+        for rows in _rounds(keys, self.table.max_streams):
             self._advance_round(rows, [keys[i] for i in rows], seqs[rows], X[rows], now, Y, stepped)
         return Y, stepped
 
@@ -169,13 +181,14 @@ def state_shapes(spec) -> tuple:
     return tuple((layer.unit_output_size, layer.hidden_size if layer.cell == "lstm" else 0) for layer in spec.layers)
 
 
-def _rounds(keys: list[str]) -> list[np.ndarray]:
-    """Row indexes split so that each round holds a key at most once, keeping each key's rows in order.
+def _rounds(keys: list[str], max_keys: int) -> list[np.ndarray]:
+    """Row indexes split so that each round holds a key at most once, keeping each key's rows in order,
+    and at most ``max_keys`` keys (a table of ``max_streams`` cannot hold more at once).
 
     One round when the keys are distinct (the common case: one message per stream per micro-batch).
     """
     if len(set(keys)) == len(keys):
-        return [np.arange(len(keys))]
+        return [np.arange(start, min(start + max_keys, len(keys))) for start in range(0, len(keys), max_keys)]
     seen: dict[str, int] = {}
     rounds: list[list[int]] = []
     for index, key in enumerate(keys):
@@ -184,4 +197,4 @@ def _rounds(keys: list[str]) -> list[np.ndarray]:
         if r == len(rounds):
             rounds.append([])
         rounds[r].append(index)
-    return [np.array(r, dtype=np.int64) for r in rounds]
+    return [np.array(r[start:start + max_keys], dtype=np.int64) for r in rounds for start in range(0, len(r), max_keys)]
