@@ -28,9 +28,11 @@ def write_model(path: Path, cell: str = "gru", seed: int = 0, input_size: int = 
 
 
 def write_config(directory: Path, port: int, pipeline: str = "", top: str = "", state: str = "",
-                 model: str = "model.ern", client_id: str = "edgernn-test") -> Path:
-    """The issue's minimal config, on the test broker's port, plus extra TOML lines per table."""
+                 model: str = "model.ern", client_id: str = "edgernn-test", daemon: str = "") -> Path:
+    """The issue's minimal config, on the test broker's port, plus extra TOML lines per table
+    (``daemon`` lines go into a ``[daemon]`` table, written only when given)."""
     path = directory / "edgernn.toml"
+    daemon_table = f"[daemon]\n{daemon}\n" if daemon else ""
     path.write_text(f"""{top}
 [broker]
 host = "127.0.0.1"
@@ -51,6 +53,7 @@ qos = 1
 dir = "{directory / 'state'}"
 {state}
 
+{daemon_table}
 [log]
 level = "debug"
 """)
