@@ -198,6 +198,9 @@ class Daemon:
         recovery = pipeline.store.recover(pipeline.table)  # it logs each problem it found itself
         republished = 0
         for batch in recovery.replayed:
+            for delivery in batch.deliveries.tolist():
+                if delivery:
+                    self.link.expect_redelivery(delivery)
             Y, stepped = pipeline.advance(batch.keys, batch.seqs, batch.X)
             if batch.batch_no not in recovery.undone:
                 continue

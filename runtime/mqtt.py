@@ -33,6 +33,8 @@ from paho.mqtt.properties import Properties
 
 from edgernn.errors import EdgeRNNError
 
+from .persistence import delivery_id
+
 log = logging.getLogger(__name__)
 
 SESSION_NEVER_EXPIRES = 0xFFFFFFFF
@@ -54,29 +56,46 @@ class Inbound:
 
 
 class _Redeliveries:
-    """Recognises the broker's resend of a message this client already received (same id, topic, payload).
+    """Recognises the broker's resend of a message already received (same packet id, topic and payload).
 
-    Packet ids cycle through 1..65535, so at most that many entries are kept: memory stays bounded.
+    Packet ids cycle through 1..65535, so at most that many entries are kept: memory stays bounded. An
+    acked message is resent only when its ack was lost to a disconnect, i.e. in the next connection, so
+    an acked entry counts only until the connection after the one it was acked in ends: a new message
+    that reuses the id much later is never mistaken for a copy.
     """
 
     def __init__(self):
-        self._seen: dict[int, tuple[int, bool]] = {}  # mid -> (hash of topic and payload, acked)
+        self._seen: dict[int, tuple[int, int | None]] = {}  # mid -> (fingerprint, connection acked in, or None)
+        self._connection = 0
         self._lock = threading.Lock()
+
+    def connected(self) -> None:
+        with self._lock:
+            self._connection += 1
+
+    def expect(self, mid: int, fingerprint: int) -> None:
+        """A message handled (journalled) before a crash: the broker may deliver it again once more."""
+        with self._lock:
+            self._seen[mid] = (fingerprint, self._connection)
 
     def is_copy(self, mid: int, fingerprint: int, dup: bool) -> tuple[bool, bool]:
         """(a copy of a message already received, that message already acked)."""
         with self._lock:
             seen = self._seen.get(mid)
             if dup and seen is not None and seen[0] == fingerprint:
-                return True, seen[1]
-            self._seen[mid] = (fingerprint, False)
+                acked_in = seen[1]
+                if acked_in is None:
+                    return True, False
+                if acked_in >= self._connection - 1:
+                    return True, True
+            self._seen[mid] = (fingerprint, None)
             return False, False
 
     def acked(self, mid: int) -> None:
         with self._lock:
             seen = self._seen.get(mid)
             if seen is not None:
-                self._seen[mid] = (seen[0], True)
+                self._seen[mid] = (seen[0], self._connection)
 
 
 class MqttLink:
@@ -181,6 +200,7 @@ class MqttLink:
             log.error("MQTT broker %s:%d refused the connection: %s", self.broker.host, self.broker.port,
                       reason_code, extra={"event": "connect_refused"})
             return
+        self._redeliveries.connected()
         log.info("connected to %s:%d as %r (session %s)", self.broker.host, self.broker.port,
                  self.broker.client_id, "resumed" if flags.session_present else "new",
                  extra={"event": "connected", "session_present": bool(flags.session_present)})
@@ -208,7 +228,8 @@ class MqttLink:
         payload = message.payload
         topic = message.topic
         if message.qos > 0:
-            copy, acked = self._redeliveries.is_copy(message.mid, hash((topic, payload)), message.dup)
+            copy, acked = self._redeliveries.is_copy(message.mid, delivery_id(message.mid, topic, payload),
+                                                     message.dup)
             if copy:  # the original is queued, being processed, or done: never step it twice
                 if acked:
                     client.ack(message.mid, message.qos)
@@ -253,6 +274,11 @@ class MqttLink:
                 early = False
         if early and on_done is not None:
             on_done()
+
+    def expect_redelivery(self, delivery: int) -> None:
+        """A message journalled before a crash (`persistence.delivery_id`): when the broker delivers it
+        again, it is acked and dropped, not stepped a second time."""
+        self._redeliveries.expect(delivery >> 32, delivery)
 
     def ack(self, message: Inbound) -> None:
         """Acknowledge an inbound QoS 1/2 message (no-op for QoS 0)."""

@@ -22,8 +22,9 @@ Records: type byte, payload length (uint32 LE), payload, CRC32 (``zlib.crc32``) 
 - ``H`` header: JSON ``{"format": "edgernn-journal", "version", "pipeline", "generation",
   "input_size", "model"}`` (the model's fingerprint): a journal of another model is ignored.
 - ``B`` batch: batch_no (uint64), n (uint32), n times (key: uint16 length + UTF-8, seq: int64, -1 =
-  none, ts: float64, NaN = none), then X as n * input_size float32, all little-endian. One
-  ``os.write`` per batch.
+  none, ts: float64, NaN = none, delivery: uint64, 0 = none), then X as n * input_size float32, all
+  little-endian. One ``os.write`` per batch. ``delivery`` identifies the MQTT message a row came from
+  (`delivery_id`), so that after a crash the broker's redelivery of it is recognised as a copy.
 - ``D`` done: batch_no (uint64).
 
 Reading stops at the first truncated or corrupt record: what came before it is kept, and the
@@ -65,7 +66,7 @@ _CRC = struct.Struct("<I")
 _BATCH_HEAD = struct.Struct("<QI")  # batch_no, n
 _DONE = struct.Struct("<Q")
 _KEY_LENGTH = struct.Struct("<H")
-_SEQ_TS = struct.Struct("<qd")
+_SEQ_TS = struct.Struct("<qdQ")  # seq, ts, delivery
 _MIN_ROW_BYTES = _KEY_LENGTH.size + _SEQ_TS.size
 _PIPELINE_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # as runtime.config allows
 _OPEN_BINARY = getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -75,12 +76,14 @@ _datasync = getattr(os, "fdatasync", os.fsync)
 @dataclass
 class JournalBatch:
     """One micro-batch as journalled: ``keys`` (n), ``seqs`` (n,) int64 (-1: none), ``X`` (n, I) float32,
-    ``ts`` (n,) float64 (NaN: none; the payloads' timestamps, so re-published predictions carry them)."""
+    ``ts`` (n,) float64 (NaN: none; the payloads' timestamps, so re-published predictions carry them),
+    ``deliveries`` (n,) uint64 (0: none; see `delivery_id`)."""
     batch_no: int
     keys: list[str]
     seqs: np.ndarray
     X: np.ndarray
     ts: np.ndarray
+    deliveries: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
 
 
 @dataclass
@@ -95,21 +98,28 @@ class Recovery:
 
 
 # ---- records ----------------------------------------------------------------------------------------
+def delivery_id(mid: int, topic: str, payload: bytes) -> int:
+    """A QoS 1 message as the broker will deliver it again after a crash: its packet id (kept on
+    redelivery, MQTT 3.1.1 section 4.4) and a CRC32 of topic and payload (stable across processes)."""
+    return (mid << 32) | zlib.crc32(payload, zlib.crc32(topic.encode()))
+
+
 def encode_record(kind: bytes, payload: bytes) -> bytes:
     head = _FRAME.pack(kind, len(payload))
     return b"".join((head, payload, _CRC.pack(zlib.crc32(payload, zlib.crc32(head)))))
 
 
-def encode_batch(batch_no: int, keys: list[str], seqs: np.ndarray, X: np.ndarray, ts: np.ndarray) -> bytes:
+def encode_batch(batch_no: int, keys: list[str], seqs: np.ndarray, X: np.ndarray, ts: np.ndarray,
+                 deliveries: np.ndarray) -> bytes:
     """The framed batch record, built once so that it is written with one ``os.write``."""
     parts = [_BATCH_HEAD.pack(batch_no, len(keys))]
-    for key, seq, stamp in zip(keys, seqs.tolist(), ts.tolist()):
+    for key, seq, stamp, delivery in zip(keys, seqs.tolist(), ts.tolist(), deliveries.tolist()):
         if not isinstance(key, str):
             raise TypeError(f"the journal needs string stream keys, got {key!r}")
         raw = key.encode()
         if len(raw) > 0xFFFF:
             raise ValueError(f"stream key of {len(raw)} bytes: the journal holds keys up to 65535 bytes")
-        parts.append(_KEY_LENGTH.pack(len(raw)) + raw + _SEQ_TS.pack(seq, stamp))
+        parts.append(_KEY_LENGTH.pack(len(raw)) + raw + _SEQ_TS.pack(seq, stamp, delivery))
     parts.append(np.ascontiguousarray(X, dtype="<f4").tobytes())
     return encode_record(BATCH, b"".join(parts))
 
@@ -119,7 +129,7 @@ def _decode_batch(payload: memoryview, input_size: int) -> JournalBatch:
     batch_no, n = _BATCH_HEAD.unpack_from(payload, 0)
     if n * _MIN_ROW_BYTES > len(payload):
         raise ValueError(f"{n} rows cannot fit in {len(payload)} bytes")
-    position, keys, seqs, stamps = _BATCH_HEAD.size, [], [], []
+    position, keys, seqs, stamps, deliveries = _BATCH_HEAD.size, [], [], [], []
     for _ in range(n):
         (length,) = _KEY_LENGTH.unpack_from(payload, position)
         position += _KEY_LENGTH.size
@@ -127,14 +137,16 @@ def _decode_batch(payload: memoryview, input_size: int) -> JournalBatch:
             raise ValueError("a key runs past the record")
         keys.append(bytes(payload[position:position + length]).decode())
         position += length
-        seq, stamp = _SEQ_TS.unpack_from(payload, position)
+        seq, stamp, delivery = _SEQ_TS.unpack_from(payload, position)
         position += _SEQ_TS.size
         seqs.append(seq)
         stamps.append(stamp)
+        deliveries.append(delivery)
     if len(payload) - position != 4 * n * input_size:
         raise ValueError(f"{len(payload) - position} bytes of samples, expected {4 * n * input_size}")
     X = np.frombuffer(payload, "<f4", n * input_size, position).reshape(n, input_size).astype(np.float32)
-    return JournalBatch(batch_no, keys, np.array(seqs, dtype=np.int64), X, np.array(stamps, dtype=np.float64))
+    return JournalBatch(batch_no, keys, np.array(seqs, dtype=np.int64), X, np.array(stamps, dtype=np.float64),
+                        np.array(deliveries, dtype=np.uint64))
 
 
 def _next_record(data: bytes, offset: int):
@@ -353,10 +365,11 @@ class StateStore:
 
     # ---- per batch ----------------------------------------------------------------------------------
     def append_batch(self, batch_no: int, keys: list[str], seqs: np.ndarray, X: np.ndarray,
-                     ts: np.ndarray | None = None) -> None:
+                     ts: np.ndarray | None = None, deliveries: np.ndarray | None = None) -> None:
         """Journal a micro-batch before it is stepped (fsynced when ``fsync``); no-op without a journal.
 
-        ``seqs`` (n,) int64 (-1: none), ``X`` (n, input_size), ``ts`` (n,) float64 (NaN: none; default all none).
+        ``seqs`` (n,) int64 (-1: none), ``X`` (n, input_size), ``ts`` (n,) float64 (NaN: none; default all
+        none), ``deliveries`` (n,) uint64 (`delivery_id`; 0: none, the default).
         """
         if self.durability != "journal":
             return
@@ -367,11 +380,13 @@ class StateStore:
         seqs = np.asarray(seqs, dtype=np.int64)
         X = np.asarray(X, dtype=np.float32)
         ts = np.full(len(keys), np.nan) if ts is None else np.asarray(ts, dtype=np.float64)
+        deliveries = (np.zeros(len(keys), np.uint64) if deliveries is None
+                      else np.asarray(deliveries, dtype=np.uint64))
         shape = (len(keys), self._header["input_size"])
-        if seqs.shape != shape[:1] or ts.shape != shape[:1] or X.shape != shape:
-            raise ValueError(f"{len(keys)} keys need seqs and ts of shape {shape[:1]} and X of shape {shape}, "
-                             f"got {seqs.shape}, {ts.shape} and {X.shape}")
-        self._write(encode_batch(batch_no, keys, seqs, X, ts), sync=self.fsync)
+        if seqs.shape != shape[:1] or ts.shape != shape[:1] or deliveries.shape != shape[:1] or X.shape != shape:
+            raise ValueError(f"{len(keys)} keys need seqs, ts and deliveries of shape {shape[:1]} and X of shape "
+                             f"{shape}, got {seqs.shape}, {ts.shape}, {deliveries.shape} and {X.shape}")
+        self._write(encode_batch(batch_no, keys, seqs, X, ts, deliveries), sync=self.fsync)
         self._next_batch_no = batch_no + 1
         self._pending.add(batch_no)
 

@@ -24,6 +24,7 @@ from collections import deque
 import numpy as np
 
 from .codecs import DecodeError, dead_letter
+from .persistence import delivery_id
 from .pipeline import NO_SEQ
 
 log = logging.getLogger(__name__)
@@ -235,7 +236,8 @@ class Scheduler:
         seqs = np.fromiter((NO_SEQ if row[3].seq is None else row[3].seq for row in rows), np.int64, len(rows))
         X = np.stack([row[3].x for row in rows])
         batch_no = pipeline.new_batch_no()
-        pipeline.store.append_batch(batch_no, keys, seqs, X, _timestamps(rows))
+        if pipeline.store.durability == "journal":
+            pipeline.store.append_batch(batch_no, keys, seqs, X, _timestamps(rows), _deliveries(rows))
         Y, stepped = pipeline.advance(keys, seqs, X)
         published = int(stepped.sum())
         batch = _Completion(published, lambda: self._done_batches.append((pipeline, batch_no)))
@@ -260,6 +262,11 @@ class Scheduler:
         stride = max(1, len(rows) // LATENCY_SAMPLES)
         for row in rows[::stride]:
             self.metrics.latency_seconds.observe(now - row[1].received)
+
+
+def _deliveries(rows) -> np.ndarray:
+    return np.fromiter((delivery_id(i.mid, i.topic, i.payload) if i.qos else 0 for _, i, *_ in rows), np.uint64,
+                       len(rows))
 
 
 def _timestamps(rows) -> np.ndarray:

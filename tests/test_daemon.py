@@ -214,6 +214,46 @@ def test_kill_9_with_the_journal_loses_nothing(tmp_path, broker, model):
             process.terminate()
 
 
+def test_kill_9_with_the_journal_does_not_step_a_stream_without_seq_twice(tmp_path, broker, model):
+    """Without seq, only the MQTT packet id tells a redelivery from a new sample: the journal keeps it."""
+    config = write_config(tmp_path, broker.port, state='durability = "journal"\nsnapshot_interval = 3600')
+    process = DaemonProcess(config, tmp_path / "daemon.log").start()
+    collector = Client(broker.port, subscribe="predictions/#")
+    sender = Client(broker.port)
+    total = 150
+
+    def publish():
+        for i in range(total):  # ts tells the predictions apart; there is no seq
+            sender.publish("sensors/dev0/imu", {"x": [float(v) for v in sample(0, i)], "ts": float(i)}, wait=False)
+            time.sleep(0.01)
+
+    try:
+        publisher = threading.Thread(target=publish)
+        publisher.start()
+        for kill_after in (40, 100):
+            collector.wait_for(kill_after, 30)
+            process.kill()
+            time.sleep(0.3)
+            process.start()
+        publisher.join()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len({json.loads(p)["ts"] for _, p in collector.messages}) < total:
+            time.sleep(0.2)
+        got = {}
+        for _, body in collector.messages:
+            body = json.loads(body)
+            got.setdefault(body["ts"], []).append(body["y"])
+        assert sorted(got) == [float(i) for i in range(total)]
+        want = offline(model, 0, range(total))
+        for i in range(total):  # a re-published prediction may come twice, always with the same value
+            np.testing.assert_allclose(np.array(got[float(i)]), np.repeat(want[i:i + 1], len(got[float(i)]), 0),
+                                       atol=ATOL, err_msg=f"sample {i}")
+    finally:
+        sender.close(), collector.close()
+        if process.process.poll() is None:
+            process.terminate()
+
+
 def _publish_slowly(sender, streams, total):
     for seq in range(total):
         for k in range(streams):
@@ -292,12 +332,12 @@ def test_metrics_endpoint_and_stats_topic(tmp_path, broker, model):
 
 
 def test_payload_formats_and_keys_from_a_field(tmp_path, broker, model):
-    pipelines = f"""
+    pipelines = """
 [[pipelines]]
 name = "csv"
 model = "model.ern"
 subscribe = "csv/+"
-publish = "out/{{pipeline}}/{{key}}"
+publish = "out/{pipeline}/{key}"
 data_format = "csv"
 csv_columns = ["seq", "a", "b", "c"]
 
@@ -305,7 +345,7 @@ csv_columns = ["seq", "a", "b", "c"]
 name = "raw"
 model = "model.ern"
 subscribe = "raw/+/data"
-publish = "out/{{pipeline}}/{{key}}"
+publish = "out/{pipeline}/{key}"
 data_format = "raw"
 output_format = "raw"
 
@@ -313,7 +353,7 @@ output_format = "raw"
 name = "named"
 model = "model.ern"
 subscribe = "named/all"
-publish = "out/{{pipeline}}/{{key}}"
+publish = "out/{pipeline}/{key}"
 fields = ["ax", "ay", "az"]
 key_field = "device"
 """

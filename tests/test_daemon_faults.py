@@ -294,3 +294,53 @@ def test_an_idle_reset_is_not_undone_by_the_journal_replay_after_kill_9(tmp_path
         sender.close(), collector.close()
         if process.process.poll() is None:
             process.terminate()
+
+
+# ---- a crash between journalling a message and acking it -------------------------------------------
+
+@broker_test
+def test_a_journalled_message_the_broker_delivers_again_is_not_stepped_twice(tmp_path, broker):
+    """kill -9 after a message is journalled but before it is acked: the restarted daemon replays it from
+    the journal AND the broker delivers it again. Without `seq` only the packet id and a CRC of topic and
+    payload (kept in the journal) tell the copy apart; stepping it would advance the stream twice."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from edgernn.runtime.persistence import StateStore, delivery_id
+    from edgernn.streams import StreamTable
+
+    model = write_model(tmp_path / "model.ern")
+    config = write_config(tmp_path, broker.port, state='durability = "journal"')
+    first = json.dumps({"x": [float(v) for v in sample(0, 0)], "ts": 0.0}).encode()
+    # The daemon's session, as a crashed daemon leaves it: subscribed, one message received, not acked.
+    received = []
+    crashed = paho.Client(CallbackAPIVersion.VERSION2, client_id="edgernn-test", clean_session=False, manual_ack=True)
+    crashed.on_message = lambda client, userdata, message: received.append(message.mid)
+    crashed.connect("127.0.0.1", broker.port)
+    crashed.loop_start()
+    crashed.subscribe("sensors/+/imu", qos=1)
+    time.sleep(0.3)
+    sender = Client(broker.port)
+    sender.publish("sensors/dev0/imu", first)
+    assert _wait(lambda: received, 5)
+    crashed.loop_stop()
+    crashed.socket().close()  # no DISCONNECT, no PUBACK: the broker keeps the message in flight
+    # ...and its journal: the message stepped (journalled), its prediction never confirmed.
+    store = StateStore(tmp_path / "state", "imu", "journal")
+    store.recover(StreamTable(model))
+    store.append_batch(0, ["dev0"], np.array([-1]), sample(0, 0)[None], np.array([0.0]),
+                       np.array([delivery_id(received[0], "sensors/dev0/imu", first)], np.uint64))
+    store.close()
+
+    collector = Client(broker.port, subscribe="predictions/#")
+    daemon = start_daemon(config)
+    try:
+        time.sleep(1.0)  # the redelivery arrives
+        sender.publish("sensors/dev0/imu", {"x": [float(v) for v in sample(0, 1)], "ts": 1.0})
+        assert _wait(lambda: any(json.loads(p)["ts"] == 1.0 for _, p in collector.messages), 10)
+        got = {json.loads(p)["ts"]: json.loads(p)["y"] for _, p in collector.messages}
+        want = offline(model, 0, [0, 1])
+        np.testing.assert_allclose(got[0.0], want[0], atol=ATOL)  # re-published from the journal
+        np.testing.assert_allclose(got[1.0], want[1], atol=ATOL)  # the state advanced once by the first
+    finally:
+        sender.close(), collector.close(), daemon.stop()

@@ -138,6 +138,22 @@ def test_journal_round_trip(model, tmp_path):
     store.close()
 
 
+def test_journal_keeps_each_rows_delivery_id(model, tmp_path):
+    """The daemon recognises a crash's redeliveries by these ids: they must come back exactly."""
+    from edgernn.runtime.persistence import delivery_id
+
+    keys, seqs, X, ts = make_batches(1)[0]
+    deliveries = np.array([delivery_id(60000 + i, f"sensors/{k}/imu", b"{}") if i % 2 else 0
+                           for i, k in enumerate(keys)], np.uint64)
+    store, table, _ = restart(tmp_path, model)
+    store.append_batch(0, keys, seqs, X, ts, deliveries)
+    store.close()
+    store, _, recovery = restart(tmp_path, model)
+    np.testing.assert_array_equal(recovery.replayed[0].deliveries, deliveries)
+    assert int(deliveries[1]) >> 32 == 60001
+    store.close()
+
+
 def test_replay_reproduces_the_uninterrupted_states(model, tmp_path):
     batches = make_batches(30, seed=1)
     reference = new_table(model)
@@ -455,14 +471,14 @@ def test_misuse_is_refused(model, tmp_path):
 
 
 def test_each_batch_appends_one_whole_record(model, tmp_path):
-    """Frame (5) + batch_no and n (12) + per row key and seq + X + CRC (4): nothing else, nothing less."""
+    """Frame (5) + batch_no and n (12) + per row key, seq, ts and delivery + X + CRC (4): nothing else, nothing less."""
     store, table, _ = restart(tmp_path, model)
     sizes = [store.journal_path.stat().st_size]
     for number, batch in enumerate(make_batches(5)):
         store.append_batch(number, *batch)
         sizes.append(store.journal_path.stat().st_size)
     store.close()
-    keys_bytes = [sum(2 + len(k.encode()) + 8 + 8 for k in keys) for keys, *_ in make_batches(5)]
+    keys_bytes = [sum(2 + len(k.encode()) + 8 + 8 + 8 for k in keys) for keys, *_ in make_batches(5)]
     rows = [len(keys) for keys, *_ in make_batches(5)]
     expected = [5 + 12 + kb + 4 * n * INPUT_SIZE + 4 for kb, n in zip(keys_bytes, rows)]
     assert np.diff(sizes).tolist() == expected
