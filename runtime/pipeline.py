@@ -31,6 +31,9 @@ from .persistence import StateStore
 log = logging.getLogger(__name__)
 
 SEQ_RESTART_DISTANCE = 1000
+CLOCK_JUMP = 2.0
+"""Seconds the wall clock may drift from the monotonic clock between two idle sweeps before it counts as
+a jump (the sweeps run every second or so)."""
 MAX_KEY_LENGTH = 1024
 """Longest stream key accepted (characters): keys live in snapshots, journals and topics."""
 NO_SEQ = -1
@@ -58,6 +61,7 @@ class Pipeline:
                                  on_evict=self._evicted)
         self.store = StateStore(state_config.dir, self.name, state_config.durability, state_config.journal_fsync)
         self.next_batch_no = 0
+        self._last_sweep = None  # (wall, monotonic) at the last idle sweep
 
     def reload(self) -> bool:
         """Load the model file again; keep every stream's state when the state shapes are unchanged.
@@ -146,11 +150,25 @@ class Pipeline:
         seen_column[go_slots] = now
         stepped[rows[go]] = True
 
-    def expire_idle(self, now: float | None = None) -> int:
-        """Forget streams silent for ``idle_reset`` seconds: they restart from the rest state. Returns how many."""
+    def expire_idle(self, now: float | None = None, monotonic: float | None = None) -> int:
+        """Forget streams silent for ``idle_reset`` seconds: they restart from the rest state. Returns how many.
+
+        Last-seen times are wall-clock (they outlive the process in snapshots), so a wall clock that jumps
+        while the daemon runs -- a Raspberry Pi without a real-time clock setting its time by NTP after
+        boot -- would make every stream look idle at once. A jump (wall time moving more than 2 s apart
+        from the monotonic clock between two sweeps) shifts every last-seen time by it instead.
+        """
         if self.config.idle_reset <= 0:
             return 0
         now = time.time() if now is None else now
+        monotonic = time.monotonic() if monotonic is None else monotonic
+        if self._last_sweep is not None:
+            jump = (now - self._last_sweep[0]) - (monotonic - self._last_sweep[1])
+            if abs(jump) > CLOCK_JUMP:
+                self.table.columns["seen"] += jump
+                log.warning("pipeline %s: the wall clock jumped by %+.1f s; last-seen times shifted with it",
+                            self.name, jump, extra={"event": "clock_jump", "pipeline": self.name, "jump": jump})
+        self._last_sweep = (now, monotonic)
         stale = self.table.stale("seen", now - self.config.idle_reset)
         for key in stale:
             self.table.drop(key)

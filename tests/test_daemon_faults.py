@@ -75,6 +75,20 @@ def _live_batch(p: Pipeline, keys: list[str], seqs: list[int], X: np.ndarray) ->
     p.advance(keys, seqs, X)
 
 
+def test_a_wall_clock_jump_does_not_make_every_stream_idle(tmp_path):
+    """A Pi without a real-time clock sets its time by NTP after boot: wall time leaps ahead while the
+    monotonic clock does not. Idle resets must follow real silence, not the leap."""
+    write_model(tmp_path / "model.ern")
+    p, _ = _open_pipeline(tmp_path, pipeline="idle_reset = 60.0")
+    x = np.ones((1, 3), np.float32)
+    p.advance(["a"], np.array([-1]), x, now=1000.0)
+    assert p.expire_idle(now=1001.0, monotonic=1.0) == 0
+    assert p.expire_idle(now=1001.0 + 86400, monotonic=2.0) == 0  # NTP: one day ahead in one second
+    assert "a" in p.table
+    assert p.expire_idle(now=1001.0 + 86400 + 70, monotonic=72.0) == 1  # then 70 s of real silence
+    assert "a" not in p.table
+
+
 def test_after_a_reload_only_the_journal_since_its_snapshot_is_replayed(tmp_path):
     """The snapshot after a SIGHUP reload must start a journal of its own: a journal that still carried the
     old model's header made recovery replay nothing (or the wrong batches) after a kill -9."""
