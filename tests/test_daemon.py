@@ -437,3 +437,66 @@ def test_a_bad_model_file_stops_the_start_with_its_name(tmp_path, broker):
 
     with pytest.raises(edgernn.FormatError, match="model.ern"):
         Daemon(load_config(write_config(tmp_path, broker.port)))
+
+
+def test_startup_error_behavior_error_fails_fast_and_retry_waits_for_the_broker(tmp_path):
+    """Telegraf's startup_error_behavior: "error" is a clear start-up failure, "retry" connects once the
+    broker appears (no broker at first: the port is free)."""
+    from broker import free_port
+    from edgernn.runtime.config import load_config
+    from edgernn.runtime.daemon import Daemon
+    from edgernn.runtime.mqtt import ConnectError
+
+    write_model(tmp_path / "model.ern")
+    port = free_port()
+    failing = write_config(tmp_path, port, top="").read_text().replace(
+        "max_reconnect_interval = 2.0", 'max_reconnect_interval = 2.0\nstartup_error_behavior = "error"\n'
+                                        "connection_timeout = 2.0")
+    (tmp_path / "error.toml").write_text(failing)
+    daemon = Daemon(load_config(tmp_path / "error.toml"))
+    started = time.monotonic()
+    with pytest.raises(ConnectError, match=f"127.0.0.1:{port}"):
+        daemon.start()
+    assert time.monotonic() - started < 10
+    daemon.stop()
+
+    daemon = Daemon(load_config(write_config(tmp_path, port)))  # "retry", the default
+    daemon.start()
+    server = Mosquitto(tmp_path / "late-broker", port=port).start()
+    collector = Client(port, subscribe="predictions/#")
+    sender = Client(port)
+    try:
+        assert daemon.link.connected.wait(15), "the daemon did not connect once the broker was up"
+        time.sleep(0.3)
+        sender.publish("sensors/dev0/imu", payload(0, 0))
+        _count(collector, 1)
+    finally:
+        sender.close(), collector.close(), daemon.stop(), server.stop()
+
+
+def test_mqtt_5_sessions_work_the_same(tmp_path, broker, model):
+    config = write_config(tmp_path, broker.port)
+    config.write_text(config.read_text().replace('client_id = "edgernn-test"', 'client_id = "edgernn-test"\nprotocol = "5"'))
+    daemon = start_daemon(config)
+    collector = Client(broker.port, subscribe="predictions/#")
+    sender = Client(broker.port)
+    try:
+        _publish_streams(sender, 3, range(10))
+        _count(collector, 30)
+        _check(collector.predictions(), model, {k: list(range(10)) for k in range(3)})
+    finally:
+        sender.close(), collector.close(), daemon.stop()
+
+
+def test_serve_check_prints_the_config_without_secrets(tmp_path, broker, model, capsys, monkeypatch):
+    from edgernn.cli import main
+
+    monkeypatch.setenv("MQTT_SECRET", "hunter2")
+    config = write_config(tmp_path, broker.port)
+    config.write_text(config.read_text().replace('client_id = "edgernn-test"',
+                                                 'client_id = "edgernn-test"\nusername = "pi"\npassword = "${MQTT_SECRET}"'))
+    assert main(["serve", "--config", str(config), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "hunter2" not in out and '"***"' in out and '"imu"' in out
+    assert main(["serve", "--config", str(tmp_path / "missing.toml")]) == 1
+    assert "missing.toml" in capsys.readouterr().err
