@@ -115,6 +115,7 @@ class MqttLink:
         self._deliver = deliver
         self._on_connection = on_connection or (lambda connected: None)
         self.connected = threading.Event()
+        self.session_present = False  # whether the broker resumed our session at the last connect
         self._first_result: list = []  # the first CONNACK's reason code, for startup_error_behavior = "error"
         self._first_connack = threading.Event()
         self._redeliveries = _Redeliveries()
@@ -201,6 +202,7 @@ class MqttLink:
                       reason_code, extra={"event": "connect_refused"})
             return
         self._redeliveries.connected()
+        self.session_present = bool(flags.session_present)
         log.info("connected to %s:%d as %r (session %s)", self.broker.host, self.broker.port,
                  self.broker.client_id, "resumed" if flags.session_present else "new",
                  extra={"event": "connected", "session_present": bool(flags.session_present)})

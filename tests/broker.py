@@ -7,6 +7,7 @@ message while its client is away (Mosquitto's default keeps only 1000 -- the REA
 
 from __future__ import annotations
 
+import getpass
 import json
 import shutil
 import socket
@@ -43,6 +44,9 @@ class Mosquitto:
             "persistence true\n"
             f"persistence_location {self.directory}/\n"
             "max_queued_messages 0\n"
+            # Started as root, Mosquitto drops to user "mosquitto", which cannot write our data dir: it would
+            # then keep no sessions across a restart, and say so only in the log.
+            f"user {getpass.getuser()}\n"
             "log_dest none\n" + extra_config)
         self.process = None
 

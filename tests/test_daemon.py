@@ -167,6 +167,28 @@ def test_broker_restart_mid_stream_loses_nothing(tmp_path, broker, model):
         sender.close(), collector.close(), daemon.stop()
 
 
+def test_broker_restart_while_messages_flow_loses_nothing(tmp_path, broker, model):
+    """The broker goes down mid-flow: messages in flight to the daemon, predictions in flight from it."""
+    daemon = start_daemon(write_config(tmp_path, broker.port))
+    collector = Client(broker.port, client_id="collector", subscribe="predictions/#")
+    sender = Client(broker.port, client_id="sender")  # paho keeps QoS 1 messages while it reconnects
+    streams, total = 4, 80
+    try:
+        publisher = threading.Thread(target=_publish_slowly, args=(sender, streams, total))
+        publisher.start()
+        collector.wait_for(60, 30)
+        broker.restart()
+        publisher.join()
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and sum(map(len, collector.predictions().values())) < streams * total:
+            time.sleep(0.2)
+        _check(collector.predictions(), model, {k: list(range(total)) for k in range(streams)})
+        assert daemon.metrics.reconnects._value.get() >= 1
+        assert daemon.link.session_present, "the broker did not keep the daemon's session"
+    finally:
+        sender.close(), collector.close(), daemon.stop()
+
+
 def test_sigterm_and_restart_continue_every_stream(tmp_path, broker, model):
     config = write_config(tmp_path, broker.port)
     process = DaemonProcess(config, tmp_path / "daemon.log").start()
@@ -291,6 +313,31 @@ def test_sighup_reload_keeps_states_of_the_same_shape_and_resets_others(tmp_path
         np.testing.assert_allclose([got[s] for s in (8, 9)], offline(other_shape, 0, [8, 9]), atol=ATOL)
     finally:
         sender.close(), collector.close(), daemon.stop()
+
+
+def test_sighup_reloads_the_model_in_a_running_process(tmp_path, broker, model):
+    import signal
+
+    process = DaemonProcess(write_config(tmp_path, broker.port), tmp_path / "daemon.log").start()
+    collector = Client(broker.port, subscribe="predictions/#")
+    sender = Client(broker.port)
+    try:
+        sender.publish("sensors/dev0/imu", payload(0, 0))
+        _count(collector, 1)
+        new = write_model(tmp_path / "model.ern", seed=11)
+        process.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while b'"event": "reloaded"' not in (tmp_path / "daemon.log").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        sender.publish("sensors/dev0/imu", payload(0, 1))
+        _count(collector, 2)
+        state = model.new_state()
+        model.step(sample(0, 0), state)
+        got = collector.predictions()["dev0"]
+        np.testing.assert_allclose(got[1], new.step(sample(0, 1), state), atol=ATOL)
+    finally:
+        sender.close(), collector.close()
+        assert process.terminate() == 0
 
 
 def test_status_topic_is_retained_and_the_will_says_offline(tmp_path, broker, model):
