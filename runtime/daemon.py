@@ -44,7 +44,8 @@ class Daemon:
         self.config = config
         self.metrics = Metrics([p.name for p in config.pipelines], REJECT_REASONS + ("internal",))
         self.pipelines = [Pipeline(p, config.state, self.metrics.pipeline(p.name)) for p in config.pipelines]
-        self.inbox = Inbox(config.daemon.max_undelivered_messages, on_drop=self.metrics.queue_dropped.inc)
+        self._drop_log = RateLimitedLog(log, config.log.bad_input_interval)
+        self.inbox = Inbox(config.daemon.max_undelivered_messages, on_drop=self._dropped)
         subscriptions = [(pattern, p.config.qos) for p in self.pipelines for pattern in p.config.subscribe]
         self.link = MqttLink(config.broker, subscriptions, self.inbox.put, self._connection_changed,
                              receive_maximum=config.daemon.max_undelivered_messages)
@@ -186,6 +187,12 @@ class Daemon:
     def _publish_stats(self) -> None:
         topic = self.config.metrics.stats_topic
         self.link.publish(topic, json.dumps(self.metrics.stats()).encode(), qos=0, retain=True)
+
+    def _dropped(self) -> None:
+        """A QoS 0 message found the inbox full (``max_undelivered_messages``): dropped, counted, said."""
+        self.metrics.queue_dropped.inc()
+        self._drop_log.warning("inbox_full", "inbox full (%d messages): QoS 0 messages are being dropped",
+                               self.inbox.capacity, event="queue_dropped")
 
     def _connection_changed(self, connected: bool) -> None:
         self.metrics.connected.set(1 if connected else 0)
