@@ -106,8 +106,8 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 INPUT_FILTER = "sensors/+/imu"
 OUTPUT_FILTER = "predictions/+/imu"
-OUTPUT_WINDOW = 1024
-"""paho's outgoing in-flight window, the daemon's own (``max(100, 2 * max_batch)``), given to the relay too."""
+OUTPUT_WINDOW = 0
+"""paho's outgoing in-flight window: the daemon's own (0, none: runtime/mqtt.py), given to the relay too."""
 DAEMON_ID = "bench-daemon"
 POLL = 0.1
 """Seconds between two reads of the daemon's Prometheus endpoint while it drains."""

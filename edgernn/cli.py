@@ -337,18 +337,20 @@ def _stream(args) -> int:
 
 def _serve(args) -> int:
     from edgernn.runtime.config import load_config, redacted
-    from edgernn.runtime.daemon import Daemon
+    from edgernn.runtime.daemon import Daemon, check
     from edgernn.runtime.logs import setup_logging
 
     config = load_config(args.config)
-    setup_logging("debug" if args.debug else config.log.level, config.log.format)
-    daemon = Daemon(config)
     if args.check:
         print(json.dumps(redacted(config), indent=2, default=str))
+        for line in check(config):
+            print(f"edgernn: {line}", file=sys.stderr)  # stdout stays the config, as JSON
         return 0
+    setup_logging("debug" if args.debug else config.log.level, config.log.format)
+    logging.getLogger("edgernn").propagate = False  # one line per event: not again through main's stderr handler
     logging.getLogger("edgernn.runtime").info("config loaded from %s", args.config,
                                               extra={"event": "config", "config": redacted(config)})
-    return daemon.run()
+    return Daemon(config).run()
 
 
 def _compile(args) -> None:

@@ -294,7 +294,14 @@ def _parse_pipeline(t: _Table) -> PipelineConfig:
     _check_key_source(t, data_format, key_field, key_level)
     subscribe = _subscribe(t, key_field, key_level)
     x_field, seq_field, ts_field = t.string("x_field", "x"), t.string("seq_field", "seq"), t.string("ts_field", "ts")
-    _check_distinct(t, {"x_field": x_field, "seq_field": seq_field, "ts_field": ts_field})
+    _check_distinct(t, {"x_field": x_field, "seq_field": seq_field, "ts_field": ts_field,
+                        **({"key_field": key_field} if key_field is not None else {})})
+    y_field = t.string("y_field", "y")
+    # The prediction carries y, seq, ts and the stream key under "key": four distinct names.
+    _check_distinct(t, {"seq_field": seq_field, "ts_field": ts_field, "y_field": y_field})
+    for option, value in (("y_field", y_field), ("seq_field", seq_field), ("ts_field", ts_field)):
+        if value == "key":
+            raise t.invalid(option, '"key" is where a prediction carries its stream key: choose another name')
     fields_ = _only_with(t, "fields", data_format, "json")
     csv_columns = _only_with(t, "csv_columns", data_format, "csv")
     if fields_ is not None:
@@ -316,7 +323,7 @@ def _parse_pipeline(t: _Table) -> PipelineConfig:
         x_field=x_field,
         seq_field=seq_field,
         ts_field=ts_field,
-        y_field=t.string("y_field", "y"),
+        y_field=y_field,
         fields=fields_,
         csv_columns=csv_columns,
         key_field=key_field,
@@ -344,7 +351,9 @@ def _parse_state(top: _Table, given: bool) -> StateConfig:
 def _parse_daemon(t: _Table) -> DaemonConfig:
     return DaemonConfig(
         max_batch=t.integer("max_batch", 512, minimum=1),
-        max_undelivered_messages=t.integer("max_undelivered_messages", 10000, minimum=1),
+        # At most 65535: MQTT packet ids are 16 bits, and every queued message may be answered by an output
+        # in flight at once.
+        max_undelivered_messages=t.integer("max_undelivered_messages", 10000, minimum=1, maximum=65535),
         shutdown_timeout=t.number("shutdown_timeout", 10.0, above=0.0),
     )
 

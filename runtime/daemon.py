@@ -29,7 +29,8 @@ from .codecs import REJECT_REASONS
 from .logs import RateLimitedLog
 from .metrics import Metrics
 from .mqtt import MqttLink
-from .pipeline import NO_SEQ, Pipeline
+from .backends import load_backend
+from .pipeline import NO_SEQ, Pipeline, make_codecs
 from .scheduler import Inbox, Scheduler
 from .sdnotify import Notifier, watchdog_interval
 
@@ -45,6 +46,7 @@ class Daemon:
         self.metrics = Metrics([p.name for p in config.pipelines], REJECT_REASONS + ("internal",))
         self.pipelines = [Pipeline(p, config.state, self.metrics.pipeline(p.name)) for p in config.pipelines]
         self._drop_log = RateLimitedLog(log, config.log.bad_input_interval)
+        self._reload_log = RateLimitedLog(log, 30.0)
         self.inbox = Inbox(config.daemon.max_undelivered_messages, on_drop=self._dropped)
         subscriptions = [(pattern, p.config.qos) for p in self.pipelines for pattern in p.config.subscribe]
         self.link = MqttLink(config.broker, subscriptions, self.inbox.put, self._connection_changed,
@@ -61,6 +63,7 @@ class Daemon:
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         for pipeline in self.pipelines:
+            pipeline.warm_up()  # compile or load the kernels now, not on the first message (nor under the watchdog)
             self._recover(pipeline)
         if self.config.metrics.listen:
             self.metrics_address = self.metrics.serve(self.config.metrics.listen)
@@ -72,6 +75,7 @@ class Daemon:
         self._worker = threading.Thread(target=self._work, name="edgernn-worker", daemon=True)
         self._worker.start()
         self.notifier.ready()
+        self.notifier.status(f"serving {len(self.pipelines)} pipeline(s)")
         log.info("serving %d pipeline(s): %s", len(self.pipelines), ", ".join(p.name for p in self.pipelines),
                  extra={"event": "started"})
 
@@ -86,21 +90,32 @@ class Daemon:
                 log.error("the worker thread died; stopping", extra={"event": "worker_died"})
                 self.stop()
                 return 1
-        self.stop()
-        return 0
+        return 0 if self.stop() else 1
 
-    def stop(self) -> None:
-        """Drain, snapshot, go offline. Bounded by ``shutdown_timeout`` (plus one micro-batch)."""
+    def stop(self) -> bool:
+        """Drain, snapshot, go offline. Returns False when the worker did not finish in time.
+
+        Bounded by ``shutdown_timeout`` for the final snapshot's wait, plus the micro-batch (or the
+        snapshot) in hand, plus 5 s to say ``offline``.
+        """
         self.stopping.set()
         self.notifier.stopping()
         self.inbox.close()  # nothing more is taken: what still arrives stays unacked, for after the restart
+        clean = True
         if self._worker is not None:
             self._worker.join(self.config.daemon.shutdown_timeout + 5)
+            if self._worker.is_alive():
+                clean = False
+                self.scheduler.acking = False  # its last snapshot is not written: the broker keeps the rest
+                log.error("the worker did not finish within shutdown_timeout + 5 s: stopping without its final "
+                          "snapshot", extra={"event": "stop_timeout"})
         self.link.stop()
         self.metrics.stop()
-        for pipeline in self.pipelines:
-            pipeline.store.close()
-        log.info("stopped", extra={"event": "stopped"})
+        if clean:
+            for pipeline in self.pipelines:
+                pipeline.store.close()
+        log.info("stopped", extra={"event": "stopped", "clean": clean})
+        return clean
 
     def reload(self) -> None:
         """Ask the worker to reload the models between two micro-batches (what SIGHUP does)."""
@@ -123,9 +138,8 @@ class Daemon:
             if watchdog_every and now >= next_watchdog:
                 self.notifier.watchdog()
                 next_watchdog = now + watchdog_every
-            if self._reload.is_set():
+            if self._reload.is_set() and self._reload_models():
                 self._reload.clear()
-                self._reload_models()
             if now >= next_snapshot:
                 self._snapshot()
                 next_snapshot = time.monotonic() + snapshot_every
@@ -152,7 +166,7 @@ class Daemon:
     def _snapshot(self, timeout: float | None = None) -> bool:
         """Snapshot every pipeline once every output in flight is confirmed (skipped, and said, if not)."""
         timeout = self.config.daemon.shutdown_timeout if timeout is None else timeout
-        if not self.scheduler.wait_idle(timeout):
+        if not self.scheduler.wait_idle(timeout, tick=self.notifier.watchdog):
             log.warning("snapshot skipped: outputs still unconfirmed after %g s (broker unreachable?)", timeout,
                         extra={"event": "snapshot_skipped"})
             return False
@@ -167,9 +181,14 @@ class Daemon:
                           extra={"event": "snapshot_failed", "pipeline": pipeline.name})
         return written
 
-    def _reload_models(self) -> None:
+    def _reload_models(self) -> bool:
+        """Reload every pipeline's model between two snapshots; False (retried later) when the snapshot
+        before it cannot be taken: the journal since then belongs to the current model."""
+        if not self._snapshot(timeout=1.0):
+            self._reload_log.warning("reload", "model reload postponed: outputs unconfirmed (broker unreachable?)",
+                                     event="reload_postponed")
+            return False
         self.notifier.reloading()
-        self._snapshot()
         for pipeline in self.pipelines:
             try:
                 kept = pipeline.reload()
@@ -183,6 +202,7 @@ class Daemon:
                      extra={"event": "reloaded", "pipeline": pipeline.name, "states_kept": kept})
         self._snapshot()
         self.notifier.ready()
+        return True
 
     def _publish_stats(self) -> None:
         topic = self.config.metrics.stats_topic
@@ -224,3 +244,14 @@ class Daemon:
         log.info("pipeline %s: %d streams restored, %d journalled batches replayed, %d predictions to re-publish",
                  pipeline.name, recovery.restored_streams, len(recovery.replayed), republished,
                  extra={"event": "recovered", "pipeline": pipeline.name})
+
+
+def check(config) -> list[str]:
+    """What ``serve --check`` verifies without the broker or the state dir (a running daemon holds its
+    lock): every model file loads with its backend, and every pipeline's codecs fit its model."""
+    lines = []
+    for pipeline in config.pipelines:
+        model, backend = load_backend(pipeline)
+        make_codecs(pipeline, model)
+        lines.append(f"pipeline {pipeline.name}: {pipeline.model} {model!r} on {backend.name} ({backend.device})")
+    return lines

@@ -101,7 +101,8 @@ def setup_logging(level: str = "info", fmt: str = "json", stream: TextIO | None 
     """Send the ``edgernn`` logger tree to ``stream`` (default: sys.stdout at call time) at ``level``.
 
     Idempotent: a second call replaces the handler the first one installed. Records still propagate
-    to the root logger, which has no handler in the daemon (and pytest's capture handler in tests).
+    to the root logger (pytest's capture handler in tests); ``edgernn serve`` turns that off, since the
+    CLI's root handler would print every line a second time on stderr.
     """
     level_number = LEVELS.get(str(level).lower())
     if level_number is None:

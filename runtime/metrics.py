@@ -49,6 +49,7 @@ class PipelineMetrics:
         self.seq_gaps = metrics.seq_gaps.labels(name)
         self.evictions = metrics.evictions.labels(name)
         self.dead_letters = metrics.dead_letters.labels(name)
+        self.journal_errors = metrics.journal_errors.labels(name)
         self.streams_live = metrics.streams_live.labels(name)
         self.step_seconds = metrics.step_seconds.labels(name)
         self._rejected_metric = metrics.rejected
@@ -102,6 +103,8 @@ class Metrics:
         self.resets = counter("resets", "Streams reset to the model's starting state", ["pipeline", "cause"])
         self.evictions = counter("evictions", "Streams evicted (least recently used) past max_streams", ["pipeline"])
         self.dead_letters = counter("dead_letters", "Rejected messages published to the dead-letter topic", ["pipeline"])
+        self.journal_errors = counter("journal_errors", "Micro-batches served without the journal (write failed)",
+                                      ["pipeline"])
         self.queue_dropped = counter("queue_dropped", "Messages dropped because the work queue was full")
         self.reconnects = counter("reconnects", "Reconnections to the broker")
         self.batches = counter("batches", "Micro-batches processed")

@@ -122,6 +122,7 @@ class MqttLink:
         self._publish_lock = threading.Lock()
         self._on_done: dict[int, Callable[[], None] | None] = {}
         self._completed_early: set[int] = set()  # PUBACKs that arrived before publish() returned
+        self._qos0_mids: set[int] = set()  # QoS 0 publishes not yet written to the socket
         self.client = self._make_client()
 
     # ---- setting up ------------------------------------------------------------------------------
@@ -215,6 +216,7 @@ class MqttLink:
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties):
         was_connected = self.connected.is_set()
         self.connected.clear()
+        self._forget_qos0()
         if was_connected:
             log.warning("disconnected from %s:%d (%s); reconnecting", self.broker.host, self.broker.port,
                         reason_code, extra={"event": "disconnected"})
@@ -245,8 +247,17 @@ class MqttLink:
                 self._completed_early.add(mid)
                 return
             on_done = self._on_done.pop(mid)
+            self._qos0_mids.discard(mid)
         if on_done is not None:
             on_done()
+
+    def _forget_qos0(self) -> None:
+        """QoS 0 packets still unsent at a disconnect are dropped by paho, their on_publish never comes:
+        forget their registrations, or a later QoS 1 publish reusing the id would find a stale one."""
+        with self._publish_lock:
+            for mid in self._qos0_mids:
+                self._on_done.pop(mid, None)
+            self._qos0_mids.clear()
 
     # ---- used by the scheduler (worker thread) ---------------------------------------------------
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False,
@@ -259,14 +270,15 @@ class MqttLink:
             log.error("publish to %r failed: %s", topic, info.rc, extra={"event": "publish_failed"})
         if qos == 0:
             # Fire and forget is all QoS 0 promises, and paho drops unsent QoS 0 packets at a reconnect
-            # without calling on_publish: done now. The mid is registered so its on_publish is ignored.
-            self._register(info.mid, None)
+            # without calling on_publish: done now. The mid is registered so its on_publish is ignored;
+            # registrations left by dropped packets are cleared at the disconnect (see _forget_qos0).
+            self._register(info.mid, None, qos0=True)
             if on_done is not None:
                 on_done()
             return
         self._register(info.mid, on_done)
 
-    def _register(self, mid: int, on_done) -> None:
+    def _register(self, mid: int, on_done, qos0: bool = False) -> None:
         with self._publish_lock:
             if mid in self._completed_early:
                 self._completed_early.discard(mid)
@@ -274,6 +286,10 @@ class MqttLink:
             else:
                 self._on_done[mid] = on_done
                 early = False
+            if qos0 and not early:
+                self._qos0_mids.add(mid)
+            else:
+                self._qos0_mids.discard(mid)
         if early and on_done is not None:
             on_done()
 

@@ -51,9 +51,7 @@ class Pipeline:
         self.model, self.backend = load_backend(config)
         self.filters = [TopicFilter(pattern) for pattern in config.subscribe]
         self._key_levels = [None if config.key_field else key_level(f, config.key_level) for f in self.filters]
-        self.decoder = self._decoder(self.model)
-        self.encoder = Encoder(config.output_format, y_field=config.y_field, seq_field=config.seq_field,
-                               ts_field=config.ts_field)
+        self.decoder, self.encoder = make_codecs(config, self.model)
         self.publish_topic = TopicTemplate(config.publish)
         self.dead_letter_topic = TopicTemplate(config.dead_letter) if config.dead_letter else None
         self.publish_qos = config.qos if config.publish_qos is None else config.publish_qos
@@ -71,11 +69,16 @@ class Pipeline:
         """
         model, backend = load_backend(self.config)
         if model.input_size != self.model.input_size:
-            self.decoder = self._decoder(model)
+            self.decoder, _ = make_codecs(self.config, model)
         kept = state_shapes(model.spec) == state_shapes(self.model.spec)
         self.table.replace_model(model, keep_states=kept)
         self.model, self.backend = model, backend
         return kept
+
+    def warm_up(self) -> None:
+        """Step a scratch stream once: the backend compiles (or loads from its cache) before serving."""
+        states = self.model.new_state(batch=1)
+        self.backend.step_batch(states, np.zeros(1, np.int64), np.zeros((1, self.model.input_size), np.float32))
 
     # ---- routing and decoding --------------------------------------------------------------------
     def topic_key(self, topic: str):
@@ -178,20 +181,24 @@ class Pipeline:
                      extra={"event": "idle_reset", "pipeline": self.name, "streams": len(stale)})
         return len(stale)
 
-    def _decoder(self, model) -> Decoder:
-        config = self.config
-        return Decoder(config.data_format, model.input_size, x_field=config.x_field, seq_field=config.seq_field,
-                       ts_field=config.ts_field, key_field=config.key_field,
-                       fields=list(config.fields) if config.fields else None,
-                       csv_columns=list(config.csv_columns) if config.csv_columns else None,
-                       max_payload_bytes=config.max_payload_bytes)
-
     def _evicted(self, key) -> None:
         self.metrics.evictions.inc()
 
     def new_batch_no(self) -> int:
         self.next_batch_no += 1
         return self.next_batch_no - 1
+
+
+def make_codecs(config, model) -> tuple[Decoder, Encoder]:
+    """A pipeline's payload decoder (for ``model``'s input size) and prediction encoder."""
+    decoder = Decoder(config.data_format, model.input_size, x_field=config.x_field, seq_field=config.seq_field,
+                      ts_field=config.ts_field, key_field=config.key_field,
+                      fields=list(config.fields) if config.fields else None,
+                      csv_columns=list(config.csv_columns) if config.csv_columns else None,
+                      max_payload_bytes=config.max_payload_bytes)
+    encoder = Encoder(config.output_format, y_field=config.y_field, seq_field=config.seq_field,
+                      ts_field=config.ts_field)
+    return decoder, encoder
 
 
 def state_shapes(spec) -> tuple:

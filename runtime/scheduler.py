@@ -24,6 +24,7 @@ from collections import deque
 import numpy as np
 
 from .codecs import DecodeError, dead_letter
+from .logs import RateLimitedLog
 from .persistence import delivery_id
 from .pipeline import NO_SEQ
 
@@ -59,29 +60,35 @@ class Inbox:
         return len(self._items)
 
     def put(self, item) -> None:
+        items = self._items
+        if len(items) < self.capacity and not self.closed:  # the fast path takes no lock: deque is thread-safe
+            items.append(item)
+            if len(items) == 1:  # the worker waits only on an empty inbox
+                with self._ready:
+                    self._ready.notify()
+            return
         with self._ready:
-            while len(self._items) >= self.capacity and not self.closed:
+            while len(items) >= self.capacity and not self.closed:
                 if item.qos == 0:
                     self._on_drop()
                     return
                 self._ready.wait(0.1)
-            if self.closed:
-                return
-            self._items.append(item)
-            if len(self._items) == 1:  # the worker waits only on an empty inbox
-                self._ready.notify_all()
+            if not self.closed:
+                items.append(item)
 
     def take(self, limit: int, timeout: float) -> list:
-        """Up to ``limit`` items, waiting at most ``timeout`` seconds for the first one."""
-        with self._ready:
-            if not self._items:
-                self._ready.wait(timeout)
-            full = len(self._items) >= self.capacity
-            count = min(limit, len(self._items))
-            batch = [self._items.popleft() for _ in range(count)]
-            if full and batch:  # the network thread may be waiting for room
+        """Up to ``limit`` items, waiting at most ``timeout`` seconds for the first one (one consumer only)."""
+        items = self._items
+        if not items:
+            with self._ready:
+                if not items:
+                    self._ready.wait(timeout)
+        full = len(items) >= self.capacity
+        batch = [items.popleft() for _ in range(min(limit, len(items)))]
+        if full and batch:  # the network thread may be waiting for room
+            with self._ready:
                 self._ready.notify_all()
-            return batch
+        return batch
 
 
 class _Completion:
@@ -95,7 +102,7 @@ class _Completion:
 
 
 class Scheduler:
-    """Owns the pipelines' state; runs on one thread (`run`) until `stop` is set."""
+    """Owns the pipelines' state. Driven by one thread (the daemon's worker), one `take_and_process` at a time."""
 
     def __init__(self, pipelines, link, inbox: Inbox, metrics, max_batch: int, bad_input_log):
         self.pipelines = pipelines
@@ -104,6 +111,7 @@ class Scheduler:
         self.metrics = metrics
         self.max_batch = max_batch
         self.bad_input_log = bad_input_log
+        self.journal_log = RateLimitedLog(log, 60.0)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._in_flight = 0  # messages whose outputs the broker has not all confirmed yet
@@ -112,12 +120,16 @@ class Scheduler:
         self.acking = True  # cleared when a final snapshot failed: what it lacks must come back from the broker
 
     # ---- completion bookkeeping (any thread) -----------------------------------------------------
-    def _complete(self, completion: _Completion) -> None:
+    def _complete(self, *completions: _Completion) -> None:
+        """One output (or rejection) of each completion is done; run the ``then`` of those at zero."""
+        finished = []
         with self._lock:
-            completion.remaining -= 1
-            if completion.remaining:
-                return
-        completion.then()
+            for completion in completions:
+                completion.remaining -= 1
+                if not completion.remaining:
+                    finished.append(completion)
+        for completion in finished:
+            completion.then()
 
     def _message_done(self, inbound) -> None:
         if self.acking:
@@ -145,15 +157,19 @@ class Scheduler:
         if not outputs:
             finished()
 
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until every published output is confirmed (a consistent point for a snapshot)."""
+    def wait_idle(self, timeout: float, tick=None) -> bool:
+        """Wait until every published output is confirmed (a consistent point for a snapshot).
+
+        ``tick()`` runs about once a second meanwhile (the daemon pings systemd's watchdog there)."""
         deadline = time.monotonic() + timeout
         with self._lock:
             while self._in_flight:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                self._idle.wait(left)
+                self._idle.wait(min(left, 1.0))
+                if tick is not None:
+                    tick()
         return True
 
     def finished_batches(self) -> list:
@@ -228,8 +244,7 @@ class Scheduler:
         topic = pipeline.dead_letter_topic.format(pipeline=pipeline.name, key="")
         body = dead_letter(pipeline.name, inbound.topic, inbound.payload, error.reason, str(error))
         pipeline.metrics.dead_letters.inc()
-        self.link.publish(topic, body, qos=max(inbound.qos, 1) if inbound.qos else 0,
-                          on_done=lambda: self._complete(message))
+        self.link.publish(topic, body, qos=inbound.qos, on_done=lambda: self._complete(message))
 
     def _advance(self, pipeline, rows: list, handled: list) -> None:
         keys = [row[2] for row in rows]
@@ -237,26 +252,32 @@ class Scheduler:
         X = np.stack([row[3].x for row in rows])
         batch_no = pipeline.new_batch_no()
         if pipeline.store.durability == "journal":
-            pipeline.store.append_batch(batch_no, keys, seqs, X, _timestamps(rows), _deliveries(rows))
+            try:
+                pipeline.store.append_batch(batch_no, keys, seqs, X, _timestamps(rows), _deliveries(rows))
+            except OSError as error:  # a full or failing disk: serve on (acks still follow the outputs)
+                pipeline.metrics.journal_errors.inc()
+                self.journal_log.warning(pipeline.name, "pipeline %s: cannot write the journal (%s): this batch "
+                                         "is served without it and would not survive kill -9", pipeline.name,
+                                         error, event="journal_failed", pipeline=pipeline.name)
         Y, stepped = pipeline.advance(keys, seqs, X)
         published = int(stepped.sum())
         batch = _Completion(published, lambda: self._done_batches.append((pipeline, batch_no)))
         if not published:
             self._done_batches.append((pipeline, batch_no))
         qos, retain = pipeline.publish_qos, pipeline.config.retain
-        self._observe_latency(rows)
         encode, publish = pipeline.encoder.encode, self.link.publish
         for index, (message, inbound, key, decoded, topic) in enumerate(rows):
-            handled[index] = True
-            if not stepped[index]:
+            if stepped[index]:
+                publish(topic, encode(key, Y[index], decoded.seq, decoded.ts), qos, retain,
+                        on_done=lambda m=message: self._complete(m, batch))
+            else:
                 self._complete(message)
-                continue
-            publish(topic, encode(key, Y[index], decoded.seq, decoded.ts), qos, retain,
-                    on_done=lambda m=message: (self._complete(m), self._complete(batch)))
+            handled[index] = True  # only now: a row that failed above is completed by `process`
         pipeline.metrics.messages_out.inc(published)
+        self._observe_latency(rows)
 
     def _observe_latency(self, rows: list) -> None:
-        """Arrival -> stepped, for at most `LATENCY_SAMPLES` messages of the batch spread evenly over it
+        """Arrival -> prediction handed to MQTT, for at most `LATENCY_SAMPLES` messages of the batch spread evenly over it
         (a histogram observation costs ~1 µs: every message would be a tenth of the per-message budget)."""
         now = time.monotonic()
         stride = max(1, len(rows) // LATENCY_SAMPLES)

@@ -339,7 +339,7 @@ ERRORS = [
     (PIPELINE + '[state]\ndir = "s"\ndurability = "wal"\n',
      'state.durability: must be "snapshot" or "journal", got "wal"'),
     (PIPELINE + "[daemon]\nmax_batch = 0\n", "daemon.max_batch: must be >= 1, got 0"),
-    (PIPELINE + "[daemon]\nmax_undelivered_messages = 0\n", "daemon.max_undelivered_messages: must be >= 1, got 0"),
+    (PIPELINE + "[daemon]\nmax_undelivered_messages = 0\n", "daemon.max_undelivered_messages: must be from 1 to 65535, got 0"),
     (PIPELINE + "[daemon]\nshutdown_timeout = -1.5\n", "daemon.shutdown_timeout: must be > 0, got -1.5"),
     (PIPELINE + "[daemon]\nmax_undelivered = 5\n",
      "daemon.max_undelivered: unknown option (did you mean 'max_undelivered_messages'?)"),
@@ -484,3 +484,16 @@ def test_secrets_never_appear_in_repr_errors_or_the_redacted_dict(here, monkeypa
 
 def test_redacted_without_password(here):
     assert redacted(load(PIPELINE))["broker"]["password"] is None
+
+
+@pytest.mark.parametrize("lines, message", [
+    ('y_field = "seq"\n', 'pipelines[0].y_field: "seq" is already seq_field'),
+    ('y_field = "key"\n', 'pipelines[0].y_field: "key" is where a prediction carries its stream key'),
+    ('key_field = "x"\n', 'pipelines[0].key_field: "x" is already x_field'),
+])
+def test_field_names_that_would_collide_in_a_payload_are_refused(tmp_path, lines, message):
+    path = tmp_path / "daemon.toml"
+    path.write_text(MINIMAL.replace('qos = 1\n', 'qos = 1\n' + lines))
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert message in str(error.value)
