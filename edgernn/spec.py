@@ -339,6 +339,13 @@ class ModelSpec:
         return count
 
     @property
+    def state_shapes(self) -> tuple[tuple[int, int, int], ...]:
+        """What a state row holds, layer by layer: (directions, h size, c size or 0). Two models with the same
+        shapes can take over each other's states (a retrained model of the same architecture)."""
+        return tuple((layer.directions, layer.unit_output_size, layer.hidden_size if layer.cell == "lstm" else 0)
+                     for layer in self.layers)
+
+    @property
     def streamable(self) -> bool:
         """True when every layer runs forward in time, so the model can advance one sample at a time.
         Reverse and bidirectional layers need the whole sequence (or a window of it): `Model.run` only."""

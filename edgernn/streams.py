@@ -15,8 +15,10 @@ Snapshots (`StreamTable.snapshot` / `restore`) are safetensors files. Version 2 
 tensors ``states`` (n, state_size) and ``column.<name>`` (n,) for each declared column, rows in
 least- to most-recently-used order; metadata ``format`` = ``"edgernn-snapshot"``, ``format_version``,
 ``keys`` (JSON list), ``model`` (`format.model_fingerprint`, so a snapshot is refused for a different
-model), ``extra`` (JSON object of the caller's strings, e.g. the journal generation that follows the
-snapshot) and ``checksum`` (over the keys, ``extra`` and every tensor). Version 1 (still read) had
+model), ``state_shapes`` (JSON, `ModelSpec.state_shapes`: a retrained model of the same shapes may take
+the states over, when the caller accepts it), ``extra`` (JSON object of the caller's strings, e.g. the
+journal generation that follows the snapshot) and ``checksum`` (over the keys, ``extra``, the shapes and
+every tensor). Version 1 (still read) had
 ``states`` only and no ``extra``: its streams restore with default columns.
 """
 
@@ -261,13 +263,18 @@ class StreamTable:
             "format_version": SNAPSHOT_VERSION,
             "keys": keys_json,
             "model": self.fingerprint(),
+            "state_shapes": _shapes_json(self.model),
             "extra": extra_json,
-            "checksum": tensor_checksum(tensors, _checksum_prefix_v2(keys_json, extra_json)),
+            "checksum": tensor_checksum(tensors, _checksum_prefix_v2(keys_json, extra_json, _shapes_json(self.model))),
         }
         atomic_write_bytes(path, safetensors.numpy.save(tensors, metadata=metadata))
 
-    def restore(self, path) -> dict[str, str]:
+    def restore(self, path, accept_model_change: bool = False) -> dict[str, str]:
         """Replace every stream in the table with those of a snapshot of the same model.
+
+        With ``accept_model_change``, a snapshot of another model whose state shapes equal this model's
+        (a retrained model of the same architecture) is restored too, with a warning, as a reload keeps
+        states; a version 1 snapshot (no shapes recorded) is still refused.
 
         Returns the ``metadata`` the snapshot was written with (``{}`` for version 1). The file is checked
         completely before the table is touched: on `FormatError` it is unchanged. A snapshot with more
@@ -277,7 +284,7 @@ class StreamTable:
         metadata, tensors = read_tensor_file(path)
         check_kind(path, metadata, SNAPSHOT_FORMAT)
         reader = select_reader(path, metadata, _SNAPSHOT_READERS)
-        keys, states, columns, extra = reader(self, path, metadata, tensors)
+        keys, states, columns, extra = reader(self, path, metadata, tensors, accept_model_change)
         if len(keys) > self.max_streams:
             dropped = len(keys) - self.max_streams
             log.warning("%s: %d streams, max_streams is %d: dropping the %d least recently used",
@@ -339,15 +346,23 @@ def _column_defaults(columns: dict) -> dict[str, np.generic]:
     return defaults
 
 
-def _checksum_prefix_v2(keys_json: str, extra_json: str) -> bytes:
-    return keys_json.encode() + b"\0" + extra_json.encode()
+def _checksum_prefix_v2(keys_json: str, extra_json: str, shapes_json: str) -> bytes:
+    return b"\0".join((keys_json.encode(), extra_json.encode(), shapes_json.encode()))
 
 
-def _check_keys(path, metadata: dict, table: StreamTable) -> list[str]:
+def _shapes_json(model) -> str:
+    return json.dumps([list(shape) for shape in model.spec.state_shapes])
+
+
+def _check_keys(path, metadata: dict, table: StreamTable, accept_model_change: bool = False) -> list[str]:
     """The checks versions 1 and 2 share, once the checksum holds: model and keys."""
     if metadata["model"] != table.fingerprint():
-        raise FormatError(path, "snapshot of a different model (its fingerprint "
-                                f"{metadata['model']} is not this model's {table.fingerprint()})")
+        same_shapes = metadata.get("state_shapes") == _shapes_json(table.model)
+        if not (accept_model_change and same_shapes):
+            raise FormatError(path, "snapshot of a different model (its fingerprint "
+                                    f"{metadata['model']} is not this model's {table.fingerprint()}"
+                                    f"{', and its state shapes differ' if not same_shapes else ''})")
+        log.warning("%s: snapshot of another model with the same state shapes: its states are kept", path)
     try:
         keys = json.loads(metadata["keys"])
     except ValueError:
@@ -374,7 +389,7 @@ def _require(path, metadata: dict, names) -> None:
             raise FormatError(path, f"no {key!r} in the metadata")
 
 
-def _read_snapshot_v1(table: StreamTable, path, metadata: dict, tensors: dict):
+def _read_snapshot_v1(table: StreamTable, path, metadata: dict, tensors: dict, accept_model_change: bool = False):
     _require(path, metadata, ("keys", "model"))
     verify_checksum(path, metadata, tensors, metadata["keys"].encode())
     keys = _check_keys(path, metadata, table)
@@ -383,10 +398,11 @@ def _read_snapshot_v1(table: StreamTable, path, metadata: dict, tensors: dict):
     return keys, _check_states(path, tensors, table, len(keys)), {}, {}
 
 
-def _read_snapshot_v2(table: StreamTable, path, metadata: dict, tensors: dict):
-    _require(path, metadata, ("keys", "model", "extra"))
-    verify_checksum(path, metadata, tensors, _checksum_prefix_v2(metadata["keys"], metadata["extra"]))
-    keys = _check_keys(path, metadata, table)
+def _read_snapshot_v2(table: StreamTable, path, metadata: dict, tensors: dict, accept_model_change: bool = False):
+    _require(path, metadata, ("keys", "model", "extra", "state_shapes"))
+    verify_checksum(path, metadata, tensors,
+                    _checksum_prefix_v2(metadata["keys"], metadata["extra"], metadata["state_shapes"]))
+    keys = _check_keys(path, metadata, table, accept_model_change)
     try:
         extra = json.loads(metadata["extra"])
     except ValueError:

@@ -334,7 +334,7 @@ class StateStore:
             self.generation = 0
             return True
         try:
-            extra = table.restore(self.snapshot_path)
+            extra = table.restore(self.snapshot_path, accept_model_change=True)  # as SIGHUP keeps states
             self.generation = _number_in(self.snapshot_path, extra, "journal_generation")
             self._next_batch_no = _number_in(self.snapshot_path, extra, "next_batch_no")
             return True

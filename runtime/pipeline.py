@@ -70,7 +70,7 @@ class Pipeline:
         model, backend = load_backend(self.config)
         if model.input_size != self.model.input_size:
             self.decoder, _ = make_codecs(self.config, model)
-        kept = state_shapes(model.spec) == state_shapes(self.model.spec)
+        kept = model.spec.state_shapes == self.model.spec.state_shapes
         self.table.replace_model(model, keep_states=kept)
         self.model, self.backend = model, backend
         return kept
@@ -199,11 +199,6 @@ def make_codecs(config, model) -> tuple[Decoder, Encoder]:
     encoder = Encoder(config.output_format, y_field=config.y_field, seq_field=config.seq_field,
                       ts_field=config.ts_field)
     return decoder, encoder
-
-
-def state_shapes(spec) -> tuple:
-    """What a state row holds, layer by layer: (hidden size seen by the next layer, cell size or 0)."""
-    return tuple((layer.unit_output_size, layer.hidden_size if layer.cell == "lstm" else 0) for layer in spec.layers)
 
 
 def _rounds(keys: list[str], max_keys: int) -> list[np.ndarray]:

@@ -375,11 +375,29 @@ def test_snapshot_of_another_model_is_moved_aside(model, tmp_path):
     process(store, table, make_batches(3), 0)
     store.snapshot(table)
     store.close()
-    other = random_model("gru", input_size=INPUT_SIZE, hidden=8, head=(2,), seed=8)
+    other = random_model("gru", input_size=INPUT_SIZE, hidden=6, head=(2,), seed=8)  # other state shapes
     store = StateStore(tmp_path, "imu", durability="journal")
     recovery = store.recover(new_table(other))
     assert recovery.restored_streams == 0 and "different model" in recovery.problems[0]
     assert any(name.startswith("imu.snapshot.corrupt-") for name in names(tmp_path))
+    store.close()
+
+
+def test_a_retrained_model_of_the_same_shapes_keeps_the_snapshots_states(model, tmp_path):
+    """A model file replaced by a retrained one (same architecture) and a restart: states are kept, as a
+    SIGHUP reload keeps them, instead of every stream restarting from zero."""
+    store, table, _ = restart(tmp_path, model)
+    process(store, table, make_batches(3), 0)
+    store.snapshot(table)
+    store.close()
+    retrained = random_model("gru", input_size=INPUT_SIZE, hidden=8, head=(2,), seed=9)
+    store = StateStore(tmp_path, "imu", durability="journal")
+    restored = new_table(retrained)
+    recovery = store.recover(restored)
+    assert recovery.restored_streams == len(table)
+    assert all("journal of a different model" in problem for problem in recovery.problems)  # the old model's
+    for key in table.keys():
+        np.testing.assert_array_equal(restored.state_of(key), table.state_of(key))
     store.close()
 
 

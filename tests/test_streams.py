@@ -564,13 +564,15 @@ def test_column_of_another_length_is_refused(model, tmp_path):
     keys_json = json.dumps(table.keys())
     slots = table.peek_slots(table.keys())
     tensors = {"states": table.states[slots], "column.seq": table.columns["seq"][slots][:-1]}
+    shapes = json.dumps([list(shape) for shape in model.spec.state_shapes])
+    prefix = keys_json.encode() + b"\0{}\0" + shapes.encode()
     metadata = {"format": "edgernn-snapshot", "format_version": "2", "keys": keys_json, "model": table.fingerprint(),
-                "extra": "{}", "checksum": tensor_checksum(tensors, keys_json.encode() + b"\0{}")}
+                "state_shapes": shapes, "extra": "{}", "checksum": tensor_checksum(tensors, prefix)}
     path = tmp_path / "s.snap"
     path.write_bytes(safetensors.numpy.save(tensors, metadata=metadata))
     assert_restore_refused(column_table(model), path, "column 'seq' is int64[19]", "expected int64[20]")
     tensors = {"states": table.states[slots], "stray": np.zeros(3, np.float32)}
-    metadata["checksum"] = tensor_checksum(tensors, keys_json.encode() + b"\0{}")
+    metadata["checksum"] = tensor_checksum(tensors, prefix)
     path.write_bytes(safetensors.numpy.save(tensors, metadata=metadata))
     assert_restore_refused(column_table(model), path, "expected 'states' and 'column.*' tensors")
 
@@ -622,3 +624,22 @@ def test_snapshots_are_written_as_version_2(model, tmp_path):
     with safetensors.safe_open(path, "numpy") as file:
         assert file.metadata()["format_version"] == "2"
         assert sorted(file.keys()) == ["column.flagged", "column.last_seen", "column.seq", "states"]
+
+
+def test_a_snapshot_of_a_retrained_model_with_the_same_shapes_restores_when_accepted(tmp_path):
+    """A retrained model (same architecture, new weights) continues from the old model's states when the
+    caller accepts it -- the daemon does, as a SIGHUP reload does -- and is refused otherwise."""
+    from edgernn.errors import FormatError
+    from helpers import random_model
+
+    old, new, other = random_model("gru", seed=0), random_model("gru", seed=1), random_model("gru", seed=1, hidden=8)
+    table = StreamTable(old)
+    table.step(["a", "b"], np.ones((2, old.input_size), np.float32))
+    table.snapshot(tmp_path / "s")
+    with pytest.raises(FormatError, match="different model"):
+        StreamTable(new).restore(tmp_path / "s")
+    restored = StreamTable(new)
+    restored.restore(tmp_path / "s", accept_model_change=True)
+    np.testing.assert_array_equal(restored.state_of("b"), table.state_of("b"))
+    with pytest.raises(FormatError, match="state shapes differ"):
+        StreamTable(other).restore(tmp_path / "s", accept_model_change=True)
