@@ -276,12 +276,13 @@ def _parse_pipelines(top: _Table) -> tuple[PipelineConfig, ...]:
     return tuple(pipelines)
 
 
-_PIPELINE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+PIPELINE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+"""Pipeline names: they name files in the state dir and label metrics."""
 
 
 def _parse_pipeline(t: _Table) -> PipelineConfig:
     name = t.string("name")
-    if not _PIPELINE_NAME.fullmatch(name):
+    if not PIPELINE_NAME.fullmatch(name):
         raise t.invalid("name", f"may hold only letters, digits, '_', '.' and '-', got {_quote(name)}")
     data_format = t.string("data_format", "json", choices=("json", "csv", "raw"))
     backend = t.string("backend", "numba", choices=("numba", "onnxruntime"))

@@ -115,6 +115,7 @@ class Daemon:
             for pipeline in self.pipelines:
                 pipeline.store.close()
         log.info("stopped", extra={"event": "stopped", "clean": clean})
+        self.notifier.close()
         return clean
 
     def reload(self) -> None:

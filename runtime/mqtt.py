@@ -23,6 +23,7 @@ import logging
 import ssl
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,12 +34,16 @@ from paho.mqtt.properties import Properties
 
 from edgernn.errors import EdgeRNNError
 
-from .persistence import delivery_id
-
 log = logging.getLogger(__name__)
 
 SESSION_NEVER_EXPIRES = 0xFFFFFFFF
 """MQTT 5 session expiry interval meaning "keep the session until the client comes back"."""
+
+
+def delivery_id(mid: int, topic: str, payload: bytes) -> int:
+    """A QoS 1 message as the broker will deliver it again after a crash: its packet id (kept on
+    redelivery, MQTT 3.1.1 section 4.4) and a CRC32 of topic and payload (stable across processes)."""
+    return (mid << 32) | zlib.crc32(payload, zlib.crc32(topic.encode()))
 
 
 class ConnectError(EdgeRNNError, ConnectionError):

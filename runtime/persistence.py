@@ -24,7 +24,7 @@ Records: type byte, payload length (uint32 LE), payload, CRC32 (``zlib.crc32``) 
 - ``B`` batch: batch_no (uint64), n (uint32), n times (key: uint16 length + UTF-8, seq: int64, -1 =
   none, ts: float64, NaN = none, delivery: uint64, 0 = none), then X as n * input_size float32, all
   little-endian. One ``os.write`` per batch. ``delivery`` identifies the MQTT message a row came from
-  (`delivery_id`), so that after a crash the broker's redelivery of it is recognised as a copy.
+  (`runtime.mqtt.delivery_id`), so that after a crash the broker's redelivery of it is recognised as a copy.
 - ``D`` done: batch_no (uint64).
 
 Reading stops at the first truncated or corrupt record: what came before it is kept, and the
@@ -49,6 +49,8 @@ import numpy as np
 from edgernn._files import atomic_write_bytes
 from edgernn.errors import FormatError
 
+from .config import PIPELINE_NAME
+
 try:
     import fcntl
 except ImportError:  # Windows: no advisory lock
@@ -68,7 +70,6 @@ _DONE = struct.Struct("<Q")
 _KEY_LENGTH = struct.Struct("<H")
 _SEQ_TS = struct.Struct("<qdQ")  # seq, ts, delivery
 _MIN_ROW_BYTES = _KEY_LENGTH.size + _SEQ_TS.size
-_PIPELINE_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # as runtime.config allows
 _OPEN_BINARY = getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
 _datasync = getattr(os, "fdatasync", os.fsync)
 
@@ -77,7 +78,7 @@ _datasync = getattr(os, "fdatasync", os.fsync)
 class JournalBatch:
     """One micro-batch as journalled: ``keys`` (n), ``seqs`` (n,) int64 (-1: none), ``X`` (n, I) float32,
     ``ts`` (n,) float64 (NaN: none; the payloads' timestamps, so re-published predictions carry them),
-    ``deliveries`` (n,) uint64 (0: none; see `delivery_id`)."""
+    ``deliveries`` (n,) uint64 (0: none; see `runtime.mqtt.delivery_id`)."""
     batch_no: int
     keys: list[str]
     seqs: np.ndarray
@@ -98,12 +99,6 @@ class Recovery:
 
 
 # ---- records ----------------------------------------------------------------------------------------
-def delivery_id(mid: int, topic: str, payload: bytes) -> int:
-    """A QoS 1 message as the broker will deliver it again after a crash: its packet id (kept on
-    redelivery, MQTT 3.1.1 section 4.4) and a CRC32 of topic and payload (stable across processes)."""
-    return (mid << 32) | zlib.crc32(payload, zlib.crc32(topic.encode()))
-
-
 def encode_record(kind: bytes, payload: bytes) -> bytes:
     head = _FRAME.pack(kind, len(payload))
     return b"".join((head, payload, _CRC.pack(zlib.crc32(payload, zlib.crc32(head)))))
@@ -258,7 +253,7 @@ class StateStore:
     """
 
     def __init__(self, directory: Path, pipeline: str, durability: str = "snapshot", fsync: bool = True):
-        if not isinstance(pipeline, str) or not _PIPELINE_NAME.fullmatch(pipeline):
+        if not isinstance(pipeline, str) or not PIPELINE_NAME.fullmatch(pipeline):
             raise ValueError(f"pipeline name {pipeline!r}: may hold only letters, digits, '_', '.' and '-' "
                              "(it names files)")
         if durability not in DURABILITIES:
@@ -369,7 +364,7 @@ class StateStore:
         """Journal a micro-batch before it is stepped (fsynced when ``fsync``); no-op without a journal.
 
         ``seqs`` (n,) int64 (-1: none), ``X`` (n, input_size), ``ts`` (n,) float64 (NaN: none; default all
-        none), ``deliveries`` (n,) uint64 (`delivery_id`; 0: none, the default).
+        none), ``deliveries`` (n,) uint64 (`runtime.mqtt.delivery_id`; 0: none, the default).
         """
         if self.durability != "journal":
             return

@@ -54,7 +54,7 @@ class Pipeline:
         self.decoder, self.encoder = make_codecs(config, self.model)
         self.publish_topic = TopicTemplate(config.publish)
         self.dead_letter_topic = TopicTemplate(config.dead_letter) if config.dead_letter else None
-        self.publish_qos = config.qos if config.publish_qos is None else config.publish_qos
+        self.publish_qos = config.effective_publish_qos
         self.table = StreamTable(self.model, max_streams=config.max_streams, columns=STREAM_COLUMNS,
                                  on_evict=self._evicted)
         self.store = StateStore(state_config.dir, self.name, state_config.durability, state_config.journal_fsync)
@@ -144,7 +144,7 @@ class Pipeline:
         go = ~duplicate
         if not go.any():
             return
-        go_slots = slots[go] if not duplicate.any() else slots[go].copy()
+        go_slots = slots[go]
         started = time.perf_counter()
         Y[rows[go]] = self.backend.step_batch(table.states, go_slots, np.ascontiguousarray(X[go]))
         self.metrics.step_seconds.observe(time.perf_counter() - started)

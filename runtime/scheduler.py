@@ -25,7 +25,7 @@ import numpy as np
 
 from .codecs import DecodeError, dead_letter
 from .logs import RateLimitedLog
-from .persistence import delivery_id
+from .mqtt import delivery_id
 from .pipeline import NO_SEQ
 
 log = logging.getLogger(__name__)

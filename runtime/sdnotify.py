@@ -80,10 +80,6 @@ class Notifier:
         """Tell the watchdog the worker loop is alive."""
         return self.notify("WATCHDOG=1")
 
-    def extend_timeout(self, seconds: float) -> bool:
-        """Ask for ``seconds`` more before a start/stop timeout (e.g. a slow first JIT compile on a Pi)."""
-        return self.notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
-
     def close(self) -> None:
         if self._socket is not None:
             self._socket.close()

@@ -140,7 +140,7 @@ def test_journal_round_trip(model, tmp_path):
 
 def test_journal_keeps_each_rows_delivery_id(model, tmp_path):
     """The daemon recognises a crash's redeliveries by these ids: they must come back exactly."""
-    from edgernn.runtime.persistence import delivery_id
+    from edgernn.runtime.mqtt import delivery_id
 
     keys, seqs, X, ts = make_batches(1)[0]
     deliveries = np.array([delivery_id(60000 + i, f"sensors/{k}/imu", b"{}") if i % 2 else 0
