@@ -15,7 +15,7 @@
 #   EDGERNN_ARM64_MIRROR   Debian mirror for the root (default http://deb.debian.org/debian)
 #   EDGERNN_ARM64_TIMEOUT  seconds pytest may run before it is stopped (default 5400)
 #
-# Only the runtime deps are installed in the root (`pip install -e '.[mqtt]' pytest`), plus onnx, so
+# Only the runtime deps are installed in the root (`pip install -e '.[daemon]' pytest hypothesis`), plus onnx, so
 # ONNX's own LSTM/GRU/RNN test cases (tests/test_onnx_backend.py) check the kernels on aarch64 too: no
 # torch or onnxruntime. Conversion is a workstation job, and the tests that need them skip themselves.
 #
@@ -30,7 +30,7 @@ ROOTFS=${EDGERNN_ARM64_ROOT:-/var/tmp/edgernn-arm64}
 MIRROR=${EDGERNN_ARM64_MIRROR:-http://deb.debian.org/debian}
 TIMEOUT=${EDGERNN_ARM64_TIMEOUT:-5400}
 SUITE=bookworm                       # Debian 12, as Raspberry Pi OS (64-bit) is
-PACKAGES=python3,python3-venv,python3-dev,gcc,ca-certificates
+PACKAGES=python3,python3-venv,python3-dev,gcc,ca-certificates,mosquitto
 SRC=/work/edgernn                    # where the repository's copy lives inside the root
 VENV=/opt/edgernn-venv               # the venv inside the root
 
@@ -158,7 +158,7 @@ if [ "$(cat "$ROOTFS$VENV/.edgernn-deps" 2>/dev/null)" != "$deps_stamp" ]; then
         python3 -m venv "$1"
         cd "$2"
         "$1/bin/python" -m pip install -q --only-binary=numpy,numba,llvmlite,safetensors,onnx \
-            -e ".[mqtt]" pytest onnx
+            -e ".[daemon]" pytest hypothesis onnx
         echo "$3" > "$1/.edgernn-deps"' _ "$VENV" "$SRC" "$deps_stamp"
 fi
 
