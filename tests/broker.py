@@ -79,14 +79,23 @@ class Mosquitto:
 
 
 class Client:
-    """A test MQTT client: publishes samples, collects predictions by (key, seq)."""
+    """A test MQTT client: publishes samples, collects everything it receives.
+
+    ``messages`` holds (topic, payload) in arrival order and ``retained`` the retain flag of each. A
+    prediction may arrive more than once (QoS 1 is at-least-once: a re-sent PUBLISH after a reconnect, a
+    prediction re-published after a restart), so waits count *distinct* messages: one per (key, seq)
+    for JSON predictions that carry a seq, one per message for anything else (raw output, no seq).
+    """
 
     def __init__(self, port: int, client_id: str = "", subscribe: str | None = None):
         persistent = bool(client_id)  # a named client keeps its session (and messages) across broker restarts
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=not persistent)
         self.client.reconnect_delay_set(1, 1)
         self.messages: list[tuple[str, bytes]] = []
+        self.retained: list[bool] = []
         self.by_topic = defaultdict(list)
+        self.connects = 0  # CONNACKs received: a reconnect after a broker restart makes it 2
+        self._distinct: set = set()
         self._received = threading.Condition()
         self._subscription = subscribe
         self._subscribed = threading.Event()
@@ -101,11 +110,16 @@ class Client:
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if self._subscription:
             client.subscribe(self._subscription, qos=1)
+        with self._received:
+            self.connects += 1
+            self._received.notify_all()
 
     def _on_message(self, client, userdata, message):
         with self._received:
             self.messages.append((message.topic, message.payload))
+            self.retained.append(bool(message.retain))
             self.by_topic[message.topic].append(message.payload)
+            self._distinct.add(_identity(len(self.messages), message.payload))
             self._received.notify_all()
 
     def publish(self, topic: str, payload, qos: int = 1, retain: bool = False, wait: bool = True) -> None:
@@ -115,24 +129,64 @@ class Client:
         if wait:
             info.wait_for_publish(10)
 
-    def wait_for(self, count: int, timeout: float = 20.0) -> list:
+    def _wait_until(self, done, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         with self._received:
-            while len(self.messages) < count:
+            while not done():
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    break
+                    return False
                 self._received.wait(left)
+            return True
+
+    def wait_for(self, count: int, timeout: float = 20.0) -> list:
+        """Wait for ``count`` messages, repeats included; returns the messages received so far."""
+        self._wait_until(lambda: len(self.messages) >= count, timeout)
+        with self._received:
             return list(self.messages)
 
+    def wait_for_distinct(self, count: int, timeout: float = 30.0) -> int:
+        """Wait for ``count`` distinct messages (see the class docstring); returns how many arrived."""
+        self._wait_until(lambda: len(self._distinct) >= count, timeout)
+        with self._received:
+            return len(self._distinct)
+
+    def wait_for_connects(self, count: int, timeout: float = 20.0) -> bool:
+        """Wait until this client has connected ``count`` times (2: it is back after a broker restart)."""
+        return self._wait_until(lambda: self.connects >= count, timeout)
+
     def predictions(self) -> dict:
-        """{(key, seq): y} from every JSON prediction received (a repeated one must be identical)."""
-        out = {}
-        for _, payload in self.messages:
+        """{key: {seq: y}} from every JSON prediction received, which must all carry a seq.
+
+        A repeated prediction is computed from the same state as the first, so it must be identical
+        (asserted: a repeat that differs means a stream was stepped twice or from the wrong state).
+        """
+        with self._received:
+            messages = list(self.messages)
+        out: dict = {}
+        for topic, payload in messages:
             body = json.loads(payload)
-            out.setdefault(body["key"], {})[body.get("seq")] = body["y"]
+            assert "seq" in body, f"a prediction without seq on {topic}: predictions() cannot tell repeats apart"
+            seen = out.setdefault(body["key"], {})
+            seq = body["seq"]
+            if seq in seen:
+                assert body["y"] == seen[seq], (f"{body['key']} seq {seq}: a repeated prediction differs: "
+                                                f"{seen[seq]} then {body['y']}")
+            else:
+                seen[seq] = body["y"]
         return out
 
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+def _identity(index: int, payload: bytes):
+    """What makes a received message distinct: (key, seq) of a JSON prediction with a seq, else its index."""
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        return index
+    if isinstance(body, dict) and "key" in body and body.get("seq") is not None:
+        return (body["key"], body["seq"])
+    return index

@@ -104,6 +104,16 @@ class DaemonProcess:
         self.log_path.write_bytes(self.log_path.read_bytes().replace(b'"event": "started"', b'"event": "was-started"'))
 
 
+def wait_until(predicate, seconds: float) -> bool:
+    """Poll ``predicate`` until it holds or ``seconds`` pass; returns its last answer."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return bool(predicate())
+
+
 def sample(key_index: int, seq: int, input_size: int = 3) -> np.ndarray:
     """A deterministic sample of stream ``key_index`` at ``seq`` (float32-exact through JSON)."""
     rng = np.random.default_rng(1000 * key_index + seq)

@@ -7,6 +7,7 @@ kernels and `Model.run` agree to float32 rounding, so parity is checked at 1e-5 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import urllib.request
@@ -16,7 +17,9 @@ import pytest
 
 import edgernn
 from broker import Client, Mosquitto, mosquitto_binary
-from daemon_harness import (DaemonProcess, offline, payload, sample, start_daemon, write_config, write_model)
+from daemon_harness import (DaemonProcess, offline, payload, sample, start_daemon, wait_until, write_config,
+                            write_model)
+from edgernn.runtime.pipeline import SEQ_RESTART_DISTANCE
 
 pytestmark = [pytest.mark.broker,
               pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed (make test installs it)")]
@@ -55,8 +58,35 @@ def _publish_streams(client, streams: int, seqs, qos: int = 1) -> None:
 
 
 def _count(collector, n, timeout=30):
-    got = collector.wait_for(n, timeout)
-    assert len(got) >= n, f"received {len(got)} predictions, expected {n}"
+    """Wait for ``n`` distinct predictions: one per (key, seq) where payloads carry seq, so copies re-sent
+    by at-least-once delivery count once; one per message where they do not (raw output, no seq)."""
+    got = collector.wait_for_distinct(n, timeout)
+    assert got >= n, f"received {got} distinct predictions, expected {n}"
+
+
+def _reconnected(daemon, reconnects_before: float, timeout: float = 20) -> bool:
+    """Whether the daemon lost the broker after counting ``reconnects_before`` and is connected again."""
+    return wait_until(lambda: daemon.metrics.reconnects._value.get() > reconnects_before
+                      and daemon.link.connected.is_set(), timeout)
+
+
+def _by_ts(collector) -> dict:
+    """{ts: [y, ...]} of every prediction received, repeats included (for payloads without seq)."""
+    got: dict = {}
+    for _, body in list(collector.messages):
+        body = json.loads(body)
+        got.setdefault(body["ts"], []).append(body["y"])
+    return got
+
+
+def _check_every_copy(got: dict, model, total: int) -> None:
+    """Stream dev0 sent samples 0..total-1 with ts = i and no seq: every copy of every prediction equals the
+    uninterrupted offline run (a redelivered sample stepped again would shift every later one)."""
+    assert sorted(got) == [float(i) for i in range(total)], f"missing ts {set(range(total)) - set(got)}"
+    want = offline(model, 0, range(total))
+    for i in range(total):
+        np.testing.assert_allclose(np.array(got[float(i)]), np.repeat(want[i:i + 1], len(got[float(i)]), 0),
+                                   atol=ATOL, err_msg=f"sample {i}")
 
 
 def test_interleaved_streams_equal_offline_runs(tmp_path, broker, model):
@@ -157,8 +187,8 @@ def test_broker_restart_mid_stream_loses_nothing(tmp_path, broker, model):
         _publish_streams(sender, 4, range(20))
         _count(collector, 80)
         broker.restart()
-        assert daemon.link.connected.wait(15), "the daemon did not reconnect"
-        time.sleep(1.5)  # the test clients reconnect too
+        assert _reconnected(daemon, 0), "the daemon did not reconnect"
+        assert sender.wait_for_connects(2) and collector.wait_for_connects(2), "a test client did not reconnect"
         _publish_streams(sender, 4, range(20, 40))
         _count(collector, 160)
         _check(collector.predictions(), model, {k: list(range(40)) for k in range(4)})
@@ -179,12 +209,30 @@ def test_broker_restart_while_messages_flow_loses_nothing(tmp_path, broker, mode
         collector.wait_for(60, 30)
         broker.restart()
         publisher.join()
-        deadline = time.monotonic() + 40
-        while time.monotonic() < deadline and sum(map(len, collector.predictions().values())) < streams * total:
-            time.sleep(0.2)
+        collector.wait_for_distinct(streams * total, 40)  # _check then names any seq missing
         _check(collector.predictions(), model, {k: list(range(total)) for k in range(streams)})
         assert daemon.metrics.reconnects._value.get() >= 1
         assert daemon.link.session_present, "the broker did not keep the daemon's session"
+    finally:
+        sender.close(), collector.close(), daemon.stop()
+
+
+def test_broker_restart_while_messages_flow_without_seq_steps_nothing_twice(tmp_path, broker, model):
+    """As above with payloads that carry no seq: only the link's redelivery filter (packet id and a CRC of
+    topic and payload) tells a redelivered copy from a new sample; the test with seq would hide a miss."""
+    daemon = start_daemon(write_config(tmp_path, broker.port))
+    collector = Client(broker.port, client_id="collector", subscribe="predictions/#")
+    sender = Client(broker.port, client_id="sender")
+    total = 300
+    try:
+        publisher = threading.Thread(target=_publish_without_seq, args=(sender, total, 0.004))
+        publisher.start()
+        collector.wait_for(80, 30)
+        broker.restart()
+        publisher.join()
+        wait_until(lambda: len(_by_ts(collector)) >= total, 40)
+        _check_every_copy(_by_ts(collector), model, total)
+        assert daemon.metrics.reconnects._value.get() >= 1
     finally:
         sender.close(), collector.close(), daemon.stop()
 
@@ -211,6 +259,29 @@ def test_sigterm_and_restart_continue_every_stream(tmp_path, broker, model):
             process.terminate()
 
 
+def test_sigterm_while_messages_flow_then_restart_equals_an_uninterrupted_run(tmp_path, broker, model):
+    """The issue's SIGTERM and restart mid-stream with messages in flight (the test above stops a quiet
+    daemon): snapshot durability, seq in payloads, every copy of every prediction as uninterrupted."""
+    process = DaemonProcess(write_config(tmp_path, broker.port), tmp_path / "daemon.log").start()
+    collector = Client(broker.port, subscribe="predictions/#")
+    sender = Client(broker.port)
+    streams, total = 4, 150
+    try:
+        publisher = threading.Thread(target=_publish_slowly, args=(sender, streams, total, 0.005))
+        publisher.start()
+        for stop_after in (100, 300):  # predictions received when each SIGTERM lands, mid-flow
+            collector.wait_for(stop_after, 30)
+            assert process.terminate() == 0
+            process.start()
+        publisher.join()
+        collector.wait_for_distinct(streams * total, 40)  # _check then names any seq missing
+        _check(collector.predictions(), model, {k: list(range(total)) for k in range(streams)})
+    finally:
+        sender.close(), collector.close()
+        if process.process.poll() is None:
+            process.terminate()
+
+
 def test_kill_9_with_the_journal_loses_nothing(tmp_path, broker, model):
     config = write_config(tmp_path, broker.port, state='durability = "journal"\nsnapshot_interval = 3600')
     process = DaemonProcess(config, tmp_path / "daemon.log").start()
@@ -226,9 +297,7 @@ def test_kill_9_with_the_journal_loses_nothing(tmp_path, broker, model):
             time.sleep(0.3)
             process.start()
         publisher.join()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and sum(map(len, collector.predictions().values())) < streams * total:
-            time.sleep(0.2)
+        collector.wait_for_distinct(streams * total, 40)  # _check then names any seq missing
         _check(collector.predictions(), model, {k: list(range(total)) for k in range(streams)})
     finally:
         sender.close(), collector.close()
@@ -243,14 +312,8 @@ def test_kill_9_with_the_journal_does_not_step_a_stream_without_seq_twice(tmp_pa
     collector = Client(broker.port, subscribe="predictions/#")
     sender = Client(broker.port)
     total = 150
-
-    def publish():
-        for i in range(total):  # ts tells the predictions apart; there is no seq
-            sender.publish("sensors/dev0/imu", {"x": [float(v) for v in sample(0, i)], "ts": float(i)}, wait=False)
-            time.sleep(0.01)
-
     try:
-        publisher = threading.Thread(target=publish)
+        publisher = threading.Thread(target=_publish_without_seq, args=(sender, total, 0.01))
         publisher.start()
         for kill_after in (40, 100):
             collector.wait_for(kill_after, 30)
@@ -258,29 +321,26 @@ def test_kill_9_with_the_journal_does_not_step_a_stream_without_seq_twice(tmp_pa
             time.sleep(0.3)
             process.start()
         publisher.join()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and len({json.loads(p)["ts"] for _, p in collector.messages}) < total:
-            time.sleep(0.2)
-        got = {}
-        for _, body in collector.messages:
-            body = json.loads(body)
-            got.setdefault(body["ts"], []).append(body["y"])
-        assert sorted(got) == [float(i) for i in range(total)]
-        want = offline(model, 0, range(total))
-        for i in range(total):  # a re-published prediction may come twice, always with the same value
-            np.testing.assert_allclose(np.array(got[float(i)]), np.repeat(want[i:i + 1], len(got[float(i)]), 0),
-                                       atol=ATOL, err_msg=f"sample {i}")
+        wait_until(lambda: len(_by_ts(collector)) >= total, 40)
+        _check_every_copy(_by_ts(collector), model, total)  # a re-published prediction may come twice
     finally:
         sender.close(), collector.close()
         if process.process.poll() is None:
             process.terminate()
 
 
-def _publish_slowly(sender, streams, total):
+def _publish_slowly(sender, streams, total, pause=0.01):
     for seq in range(total):
         for k in range(streams):
             sender.publish(f"sensors/dev{k}/imu", payload(k, seq), wait=False)
-        time.sleep(0.01)
+        time.sleep(pause)
+
+
+def _publish_without_seq(sender, total, pause):
+    """Stream dev0's samples 0..total-1 with ``ts`` = i to tell the predictions apart, and no seq."""
+    for i in range(total):
+        sender.publish("sensors/dev0/imu", {"x": [float(v) for v in sample(0, i)], "ts": float(i)}, wait=False)
+        time.sleep(pause)
 
 
 def test_sighup_reload_keeps_states_of_the_same_shape_and_resets_others(tmp_path, broker, model):
@@ -354,28 +414,44 @@ def test_status_topic_is_retained_and_the_will_says_offline(tmp_path, broker, mo
 
 
 def test_metrics_endpoint_and_stats_topic(tmp_path, broker, model):
-    config = write_config(tmp_path, broker.port,
-                          top="", state="")
-    text = config.read_text() + '\n[metrics]\nlisten = "127.0.0.1:0"\nstats_topic = "edgernn/{client_id}/stats"\nstats_interval = 0.5\n'
-    config.write_text(text)
+    config = write_config(tmp_path, broker.port)
+    config.write_text(config.read_text() + '\n[metrics]\nlisten = "127.0.0.1:0"\n'
+                      'stats_topic = "edgernn/{client_id}/stats"\nstats_interval = 0.5\n')
+    stats_topic = "edgernn/edgernn-test/stats"
     daemon = start_daemon(config)
-    stats = Client(broker.port, subscribe="edgernn/+/stats")
+    stats = Client(broker.port, subscribe=stats_topic)
     sender = Client(broker.port)
+    late = None
+    want = {"in": 4, "out": 3, "rejected": 1, "duplicates": 0, "gaps": 0, "streams": 1}
+
+    def imu_stats(client) -> dict:
+        bodies = client.by_topic[stats_topic]
+        counts = json.loads(bodies[-1])["pipelines"]["imu"] if bodies else {}
+        return {name: counts.get(name) for name in want}
+
     try:
         for seq in range(3):
             sender.publish("sensors/dev0/imu", payload(0, seq))
         sender.publish("sensors/dev0/imu", b"garbage")
-        time.sleep(1.2)
+        assert wait_until(lambda: imu_stats(stats) == want, 15), f"stats {imu_stats(stats)}, expected {want}"
         host, port = daemon.metrics_address
         page = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read().decode()
         assert 'edgernn_messages_in_total{pipeline="imu"} 4.0' in page
         assert 'edgernn_messages_out_total{pipeline="imu"} 3.0' in page
         assert 'edgernn_rejected_total{pipeline="imu",reason="not_json"} 1.0' in page
         assert "edgernn_step_seconds_bucket" in page
-        stats.wait_for(1, 5)
-        assert json.loads(stats.messages[-1][1])
+
+        late = Client(broker.port, subscribe=stats_topic)  # subscribes after the stats were published
+        late.wait_for(1, 10)
+        assert late.messages and late.retained[0], "the stats message is not retained"
+        assert imu_stats(late) == want
+        body = json.loads(late.messages[0][1])
+        assert body["connected"] is True and body["queue_dropped"] == 0
+        assert body["pipelines"]["imu"]["step_p50_s"] > 0
     finally:
         sender.close(), stats.close(), daemon.stop()
+        if late is not None:
+            late.close()
 
 
 def test_payload_formats_and_keys_from_a_field(tmp_path, broker, model):
@@ -448,12 +524,27 @@ def test_max_streams_evicts_the_least_recently_used(tmp_path, broker, model):
     daemon = start_daemon(write_config(tmp_path, broker.port, pipeline="max_streams = 2"))
     collector = Client(broker.port, subscribe="predictions/#")
     sender = Client(broker.port)
+    table = daemon.pipelines[0].table
+    sent = 0
+
+    def send(key_index: int, seq: int) -> None:  # one at a time: the order of use is the order sent
+        nonlocal sent
+        sender.publish(f"sensors/dev{key_index}/imu", payload(key_index, seq))
+        sent += 1
+        _count(collector, sent)
+
     try:
-        for k in range(4):
-            sender.publish(f"sensors/dev{k}/imu", payload(k, 0))
-        _count(collector, 4)
-        assert len(daemon.pipelines[0].table) == 2
+        # dev2 evicts dev0; dev1 is used again, so dev3 evicts dev2 (first in, first out would evict dev1)
+        for key_index, seq in ((0, 0), (1, 0), (2, 0), (1, 1), (3, 0)):
+            send(key_index, seq)
+        assert sorted(table.keys()) == ["dev1", "dev3"]
         assert daemon.metrics.pipeline("imu").evictions._value.get() == 2
+        send(0, 1)  # dev0 comes back: it starts from the rest state, and evicts dev1
+        assert sorted(table.keys()) == ["dev0", "dev3"]
+        assert daemon.metrics.pipeline("imu").evictions._value.get() == 3
+        got = collector.predictions()
+        np.testing.assert_allclose(got["dev0"][1], offline(model, 0, [1])[0], atol=ATOL)
+        np.testing.assert_allclose(got["dev1"][1], offline(model, 1, [0, 1])[1], atol=ATOL)  # kept its state
     finally:
         sender.close(), collector.close(), daemon.stop()
 
@@ -522,20 +613,72 @@ def test_startup_error_behavior_error_fails_fast_and_retry_waits_for_the_broker(
 
 
 def test_mqtt_5_sessions_work_the_same(tmp_path, broker, model):
+    """MQTT 5 keeps a session by its expiry interval, not clean_session: it must survive a broker restart
+    as the 3.1.1 one does, with the samples published while the daemon was away."""
     config = write_config(tmp_path, broker.port)
     config.write_text(config.read_text().replace('client_id = "edgernn-test"', 'client_id = "edgernn-test"\nprotocol = "5"'))
     daemon = start_daemon(config)
-    collector = Client(broker.port, subscribe="predictions/#")
-    sender = Client(broker.port)
+    collector = Client(broker.port, client_id="collector", subscribe="predictions/#")
+    sender = Client(broker.port, client_id="sender")
     try:
         _publish_streams(sender, 3, range(10))
         _count(collector, 30)
-        _check(collector.predictions(), model, {k: list(range(10)) for k in range(3)})
+        broker.restart()
+        assert sender.wait_for_connects(2) and collector.wait_for_connects(2), "a test client did not reconnect"
+        _publish_streams(sender, 3, range(10, 20))  # the daemon may not be back yet: its session queues them
+        assert _reconnected(daemon, 0), "the daemon did not reconnect"
+        assert daemon.link.session_present, "the broker did not resume the daemon's MQTT 5 session"
+        collector.wait_for_distinct(60, 30)
+        _check(collector.predictions(), model, {k: list(range(20)) for k in range(3)})
     finally:
         sender.close(), collector.close(), daemon.stop()
 
 
-def test_serve_check_prints_the_config_without_secrets(tmp_path, broker, model, capsys, monkeypatch):
+@pytest.mark.parametrize("seq_gap", ["ignore", "reset"])
+def test_a_seq_counter_restart_is_followed_and_a_near_lower_seq_is_a_duplicate(tmp_path, broker, model, seq_gap):
+    """A device that restarts counts from 0 again: a seq SEQ_RESTART_DISTANCE or more below the last is a
+    new run of its counter (counted with the gaps, reset like a gap with "reset"), not a duplicate; a seq
+    closer below the last is a duplicate (a late redelivery): no prediction, no step."""
+    assert 5000 - 0 >= SEQ_RESTART_DISTANCE > 5000 - 4990
+    daemon = start_daemon(write_config(tmp_path, broker.port, pipeline=f'seq_gap = "{seq_gap}"'))
+    collector = Client(broker.port, subscribe="predictions/#")
+    sender = Client(broker.port)
+    try:
+        for seq in (5000, 4990, 0, 1, 2):
+            sender.publish("sensors/dev0/imu", payload(0, seq))
+        _count(collector, 4)
+        got = collector.predictions()["dev0"]
+        assert sorted(got) == [0, 1, 2, 5000], "4990 after 5000 must be dropped as a duplicate"
+        np.testing.assert_allclose(got[5000], offline(model, 0, [5000])[0], atol=ATOL)
+        after_restart = offline(model, 0, [0, 1, 2]) if seq_gap == "reset" else offline(model, 0, [5000, 0, 1, 2])[1:]
+        np.testing.assert_allclose([got[s] for s in (0, 1, 2)], after_restart, atol=ATOL)
+        metrics = daemon.metrics.pipeline("imu")
+        assert metrics.duplicates._value.get() == 1
+        assert metrics.seq_gaps._value.get() == 1
+        assert metrics.resets("gap")._value.get() == (1 if seq_gap == "reset" else 0)
+    finally:
+        sender.close(), collector.close(), daemon.stop()
+
+
+@pytest.fixture
+def edgernn_logger_restored():
+    """`edgernn serve` installs a handler on the "edgernn" logger (pointing at this test's captured stdout)
+    and stops propagation: put the logger back as it was, or later tests log into a closed capture."""
+    logger = logging.getLogger("edgernn")
+    handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level
+    yield
+    for handler in list(logger.handlers):
+        if handler not in handlers:
+            logger.removeHandler(handler)
+    for handler in handlers:
+        if handler not in logger.handlers:
+            logger.addHandler(handler)
+    logger.propagate = propagate
+    logger.setLevel(level)
+
+
+def test_serve_check_prints_the_config_without_secrets(tmp_path, broker, model, capsys, monkeypatch,
+                                                      edgernn_logger_restored):
     from edgernn.cli import main
 
     monkeypatch.setenv("MQTT_SECRET", "hunter2")
