@@ -29,7 +29,7 @@ duplicate).
    a) bare subscriber -- paho-mqtt 2.x in a process of its own, ``json.loads`` and nothing else (auto ack);
    b) bare relay -- same, plus one ``{"y": [4 floats], "seq", "ts", "key"}`` published at QoS 1 to
       ``predictions/<key>/imu`` and then ``ack`` (manual_ack), as in PERF_NOTES; paho's outgoing
-      in-flight window is the daemon's (1,024; ``--relay-window`` changes it);
+      in-flight window is the daemon's (none; ``--relay-window`` changes it);
    c) the daemon -- ``python -m edgernn serve`` as a subprocess (LSTM, input 6, hidden 64, head 4, random
       weights saved with ``edgernn.save``; output QoS 1). It is started once to create its session, stopped
       with SIGTERM, the backlog is queued, and it is started again; its process start-up (imports, model
@@ -700,7 +700,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--daemon-env", action="append", default=[], metavar="NAME=VALUE",
                         help="an environment variable for the daemon only (repeatable), e.g. NUMBA_NUM_THREADS=1")
     parser.add_argument("--relay-window", type=int, default=OUTPUT_WINDOW, metavar="K",
-                        help="the relay's paho max_inflight_messages (default: the daemon's, 1024; 0 = unlimited)")
+                        help="the relay's paho max_inflight_messages (default: the daemon's, 0 = unlimited)")
     parser.add_argument("--broker-config", default="", metavar="LINES",
                         help="extra mosquitto.conf lines, e.g. 'max_inflight_messages 1000'")
     args = parser.parse_args(argv)
@@ -759,6 +759,7 @@ def main(argv=None) -> int:
         results["profile"] = profile
     print(report(results))
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
     return 0
 
