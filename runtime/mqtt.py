@@ -60,6 +60,10 @@ class Inbound:
     received: float  # time.monotonic() at arrival
 
 
+SMALL_PAYLOAD = 512
+"""Bytes up to which `_Redeliveries` keeps a payload itself rather than its CRC."""
+
+
 class _Redeliveries:
     """Recognises the broker's resend of a message already received (same packet id, topic and payload).
 
@@ -70,7 +74,9 @@ class _Redeliveries:
     """
 
     def __init__(self):
-        self._seen: dict[int, tuple[int, int | None]] = {}  # mid -> (fingerprint, connection acked in, or None)
+        # mid -> (what: (topic, payload) as received, or the `delivery_id` of a message journalled before a
+        # crash; the connection it was acked in, or None)
+        self._seen: dict[int, tuple] = {}
         self._connection = 0
         self._lock = threading.Lock()
 
@@ -78,22 +84,27 @@ class _Redeliveries:
         with self._lock:
             self._connection += 1
 
-    def expect(self, mid: int, fingerprint: int) -> None:
+    def expect(self, mid: int, delivery: int) -> None:
         """A message handled (journalled) before a crash: the broker may deliver it again once more."""
         with self._lock:
-            self._seen[mid] = (fingerprint, self._connection)
+            self._seen[mid] = (delivery, self._connection)
 
-    def is_copy(self, mid: int, fingerprint: int, dup: bool) -> tuple[bool, bool]:
+    def is_copy(self, mid: int, topic: str, payload: bytes, dup: bool) -> tuple[bool, bool]:
         """(a copy of a message already received, that message already acked)."""
         with self._lock:
             seen = self._seen.get(mid)
-            if dup and seen is not None and seen[0] == fingerprint:
-                acked_in = seen[1]
-                if acked_in is None:
+            if dup and seen is not None:
+                what, acked_in = seen
+                same = (what == (topic, payload) if isinstance(what, tuple)
+                        else what == delivery_id(mid, topic, payload))
+                if same and acked_in is None:
                     return True, False
-                if acked_in >= self._connection - 1:
+                if same and acked_in >= self._connection - 1:
                     return True, True
-            self._seen[mid] = (fingerprint, None)
+            # Small payloads by reference (no hashing on this per-message path); large ones by CRC, so 65535
+            # entries stay small whatever arrives.
+            what = (topic, payload) if len(payload) <= SMALL_PAYLOAD else delivery_id(mid, topic, payload)
+            self._seen[mid] = (what, None)
             return False, False
 
     def acked(self, mid: int) -> None:
@@ -237,8 +248,7 @@ class MqttLink:
         payload = message.payload
         topic = message.topic
         if message.qos > 0:
-            copy, acked = self._redeliveries.is_copy(message.mid, delivery_id(message.mid, topic, payload),
-                                                     message.dup)
+            copy, acked = self._redeliveries.is_copy(message.mid, topic, payload, message.dup)
             if copy:  # the original is queued, being processed, or done: never step it twice
                 if acked:
                     client.ack(message.mid, message.qos)
