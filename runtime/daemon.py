@@ -25,11 +25,11 @@ import time
 
 import numpy as np
 
+from .backends import load_backend
 from .codecs import REJECT_REASONS
 from .logs import RateLimitedLog
 from .metrics import Metrics
 from .mqtt import MqttLink
-from .backends import load_backend
 from .pipeline import NO_SEQ, Pipeline, make_codecs
 from .scheduler import Inbox, Scheduler
 from .sdnotify import Notifier, watchdog_interval
