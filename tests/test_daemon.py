@@ -210,7 +210,13 @@ def test_broker_restart_while_messages_flow_loses_nothing(tmp_path, broker, mode
         broker.restart()
         publisher.join()
         collector.wait_for_distinct(streams * total, 40)  # _check then names any seq missing
-        _check(collector.predictions(), model, {k: list(range(total)) for k in range(streams)})
+        try:
+            _check(collector.predictions(), model, {k: list(range(total)) for k in range(streams)})
+        except AssertionError as error:  # say where the messages went: not received, or taken for duplicates
+            counts = daemon.metrics.pipeline("imu")
+            raise AssertionError(f"{error}\n(daemon: {counts.messages_in._value.get():.0f} in, "
+                                 f"{counts.duplicates._value.get():.0f} duplicates, "
+                                 f"{counts.messages_out._value.get():.0f} out)") from None
         assert daemon.metrics.reconnects._value.get() >= 1
         assert daemon.link.session_present, "the broker did not keep the daemon's session"
     finally:
