@@ -273,13 +273,8 @@ def test_sigterm_while_messages_flow_then_restart_equals_an_uninterrupted_run(tm
     sender = Client(broker.port)
     streams, total = 4, 150
     try:
-        publisher = threading.Thread(target=_publish_slowly, args=(sender, streams, total, 0.005))
-        publisher.start()
-        for stop_after in (100, 300):  # predictions received when each SIGTERM lands, mid-flow
-            collector.wait_for(stop_after, 30)
-            assert process.terminate() == 0
-            process.start()
-        publisher.join()
+        _interrupt_mid_flow(process, collector, lambda: _publish_slowly(sender, streams, total, 0.005),
+                            marks=(100, 300), interrupt=lambda: process.terminate() == 0)  # SIGTERM
         collector.wait_for_distinct(streams * total, 40)  # _check then names any seq missing
         _check(collector.predictions(), model, {k: list(range(total)) for k in range(streams)})
     finally:
@@ -295,14 +290,8 @@ def test_kill_9_with_the_journal_loses_nothing(tmp_path, broker, model):
     sender = Client(broker.port)
     streams, total = 4, 120
     try:
-        publisher = threading.Thread(target=_publish_slowly, args=(sender, streams, total))
-        publisher.start()
-        for kill_after in (60, 200, 330):  # predictions received when each kill -9 lands, mid-flow
-            collector.wait_for(kill_after, 30)
-            process.kill()
-            time.sleep(0.3)
-            process.start()
-        publisher.join()
+        _interrupt_mid_flow(process, collector, lambda: _publish_slowly(sender, streams, total),
+                            marks=(60, 200, 330), interrupt=_kill_9(process))
         collector.wait_for_distinct(streams * total, 40)  # _check then names any seq missing
         _check(collector.predictions(), model, {k: list(range(total)) for k in range(streams)})
     finally:
@@ -319,20 +308,34 @@ def test_kill_9_with_the_journal_does_not_step_a_stream_without_seq_twice(tmp_pa
     sender = Client(broker.port)
     total = 150
     try:
-        publisher = threading.Thread(target=_publish_without_seq, args=(sender, total, 0.01))
-        publisher.start()
-        for kill_after in (40, 100):
-            collector.wait_for(kill_after, 30)
-            process.kill()
-            time.sleep(0.3)
-            process.start()
-        publisher.join()
+        _interrupt_mid_flow(process, collector, lambda: _publish_without_seq(sender, total, 0.01),
+                            marks=(40, 100), interrupt=_kill_9(process))
         wait_until(lambda: len(_by_ts(collector)) >= total, 40)
         _check_every_copy(_by_ts(collector), model, total)  # a re-published prediction may come twice
     finally:
         sender.close(), collector.close()
         if process.process.poll() is None:
             process.terminate()
+
+
+def _interrupt_mid_flow(process, collector, publish, marks, interrupt) -> None:
+    """Run ``publish`` in the background; each time the collector holds ``marks[i]`` predictions, stop the
+    daemon process with ``interrupt()`` (which must return true) and start it again, mid-flow."""
+    publisher = threading.Thread(target=publish)
+    publisher.start()
+    for mark in marks:
+        collector.wait_for(mark, 30)
+        assert interrupt()
+        process.start()
+    publisher.join()
+
+
+def _kill_9(process):
+    def kill() -> bool:
+        process.kill()
+        time.sleep(0.3)
+        return True
+    return kill
 
 
 def _publish_slowly(sender, streams, total, pause=0.01):
