@@ -63,6 +63,12 @@ def step(table, keys, seqs, X, ts=None):
         table.columns["seq"][table.peek_slots(round_keys)] = seqs[rows]
 
 
+def replay(table, recovery):
+    """Step the recovered journal's batches, as the daemon does at start."""
+    for batch in recovery.replayed:
+        step(table, batch.keys, batch.seqs, batch.X)
+
+
 def process(store, table, batches, first_no, done=True):
     for offset, (keys, seqs, X, ts) in enumerate(batches):
         store.append_batch(first_no + offset, keys, seqs, X, ts)
@@ -168,13 +174,11 @@ def test_replay_reproduces_the_uninterrupted_states(model, tmp_path):
     store, table, recovery = restart(tmp_path, model)
     assert recovery.problems == [] and recovery.next_batch_no == 25
     assert_batches_equal(recovery.replayed, batches[12:25], first_no=12)
-    for batch in recovery.replayed:
-        step(table, batch.keys, batch.seqs, batch.X)
+    replay(table, recovery)
     process(store, table, batches[25:], recovery.next_batch_no)
     store.close()  # crash again, after more batches on the continued journal
     store, table, recovery = restart(tmp_path, model)
-    for batch in recovery.replayed:
-        step(table, batch.keys, batch.seqs, batch.X)
+    replay(table, recovery)
     assert_same_tables(reference, table)
     store.close()
 
@@ -330,8 +334,7 @@ def test_crash_before_the_snapshot_is_replaced(model, tmp_path):
     process(store, table, batches, 0)
     store.close()
     store, restored, recovery = restart(tmp_path, model)
-    for batch in recovery.replayed:
-        step(restored, batch.keys, batch.seqs, batch.X)
+    replay(restored, recovery)
     assert_same_tables(table, restored)
     store.close()
 
@@ -343,8 +346,7 @@ def test_snapshot_durability_replays_a_journal_left_by_journal_durability(model,
     store.close()
     store, restored, recovery = restart(tmp_path, model, durability="snapshot")
     assert_batches_equal(recovery.replayed, batches)
-    for batch in recovery.replayed:
-        step(restored, batch.keys, batch.seqs, batch.X)
+    replay(restored, recovery)
     store.snapshot(restored)
     assert names(tmp_path) == ["imu.lock", "imu.snapshot"]
     store.close()
