@@ -109,5 +109,4 @@ def load_backend(pipeline):
                                      "sample at a time (it has a reverse or bidirectional layer)")
     if pipeline.backend == "numba":
         return model, NumbaBackend(model)
-    onnx_path = pipeline.onnx_model or Path(pipeline.model).with_suffix(".onnx")
-    return model, OnnxRuntimeBackend(model, onnx_path)
+    return model, OnnxRuntimeBackend(model, pipeline.onnx_model)  # the config requires onnx_model here

@@ -31,7 +31,7 @@ from .logs import RateLimitedLog
 from .metrics import Metrics
 from .mqtt import MqttLink
 from .pipeline import NO_SEQ, Pipeline, make_codecs
-from .scheduler import Inbox, Scheduler
+from .scheduler import INTERNAL_ERROR, Inbox, Scheduler
 from .sdnotify import Notifier, watchdog_interval
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ TICK = 0.05
 class Daemon:
     def __init__(self, config):
         self.config = config
-        self.metrics = Metrics([p.name for p in config.pipelines], REJECT_REASONS + ("internal",))
+        self.metrics = Metrics([p.name for p in config.pipelines], REJECT_REASONS + (INTERNAL_ERROR,))
         self.pipelines = [Pipeline(p, config.state, self.metrics.pipeline(p.name)) for p in config.pipelines]
         self._drop_log = RateLimitedLog(log, config.log.bad_input_interval)
         self._reload_log = RateLimitedLog(log, 30.0)

@@ -102,12 +102,12 @@ class Pipeline:
         if len(key) > MAX_KEY_LENGTH:
             raise DecodeError("bad_key", f"stream key of {len(key)} characters (at most {MAX_KEY_LENGTH})")
         try:
-            topic = self.publish_topic.format(key=key, pipeline=self.name)
+            topic = self.output_topic(key)
         except ValueError as error:
             raise DecodeError("bad_key", f"stream key {key[:80]!r} makes no valid topic: {error}") from None
         return key, topic, decoded
 
-    def output_topic(self, key: str) -> str:  # for keys that passed `decode` (journal replay)
+    def output_topic(self, key: str) -> str:
         return self.publish_topic.format(key=key, pipeline=self.name)
 
     # ---- advancing streams -----------------------------------------------------------------------

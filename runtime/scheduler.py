@@ -31,6 +31,8 @@ from .pipeline import NO_SEQ
 log = logging.getLogger(__name__)
 
 LATENCY_SAMPLES = 32
+INTERNAL_ERROR = "internal"
+"""The reject reason of messages a failed micro-batch dropped (a bug or a failing disk, not the payload)."""
 
 
 class Inbox:
@@ -219,7 +221,7 @@ class Scheduler:
                 log.exception("pipeline %s: failed on a micro-batch; %d of its %d messages are dropped",
                               pipeline.name, dropped, len(rows),
                               extra={"event": "batch_failed", "pipeline": pipeline.name})
-                pipeline.metrics.rejected("internal").inc(dropped)
+                pipeline.metrics.rejected(INTERNAL_ERROR).inc(dropped)
                 for done, (message, *_) in zip(handled, rows):
                     if not done:
                         self._complete(message)
