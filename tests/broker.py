@@ -1,81 +1,28 @@
 """A real Mosquitto for the daemon's tests, on a free loopback port, with its own config and data dir.
 
-Never the system broker (127.0.0.1:1883): each test gets its own, which it may stop, kill and restart.
-Persistence is on and ``max_queued_messages`` is unlimited, so a persistent session keeps every QoS 1
-message while its client is away (Mosquitto's default keeps only 1000 -- the README says so too).
+Never the system broker (127.0.0.1:1883): each test gets its own, which it may stop, kill (``kill()``, or
+``process.kill()`` to start it again with ``start()``) and restart on the same port. The launcher is
+`edgernn.local_broker.MosquittoBroker`, the one `edgernn demo` uses: persistence is on and
+``max_queued_messages`` is unlimited, so a persistent session keeps every QoS 1 message while its client
+is away (Mosquitto's default keeps only 1000 -- the README says so too).
 """
 
 from __future__ import annotations
 
-import getpass
 import json
-import shutil
-import socket
-import subprocess
 import threading
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edgernn.local_broker import MosquittoBroker, free_port, mosquitto_binary
 
-def mosquitto_binary() -> str | None:
-    return shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
-                                              if Path(p).exists()), None)
+__all__ = ["Mosquitto", "Client", "free_port", "mosquitto_binary"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Mosquitto:
-    def __init__(self, directory: Path, port: int | None = None, extra_config: str = ""):
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
-        self.config = self.directory / "mosquitto.conf"
-        self.config.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "persistence true\n"
-            f"persistence_location {self.directory}/\n"
-            "max_queued_messages 0\n"
-            # Started as root, Mosquitto drops to user "mosquitto", which cannot write our data dir: it would
-            # then keep no sessions across a restart, and say so only in the log.
-            f"user {getpass.getuser()}\n"
-            "log_dest none\n" + extra_config)
-        self.process = None
-
-    def start(self) -> "Mosquitto":
-        binary = mosquitto_binary()
-        if binary is None:
-            raise RuntimeError("mosquitto is not installed (make test installs it: apt-get install mosquitto)")
-        self.process = subprocess.Popen([binary, "-c", str(self.config)], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {self.process.stderr.read().decode(errors='replace')}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"mosquitto did not listen on port {self.port} within 10 s")
-
-    def stop(self) -> None:
-        """A clean stop: Mosquitto writes its persistence file (sessions, queued messages)."""
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
+Mosquitto = MosquittoBroker
+"""``Mosquitto(directory, port=None, extra_config="").start()``; ``stop()``, ``kill()``, ``restart()``."""
 
 
 class Client:
