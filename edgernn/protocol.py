@@ -22,6 +22,9 @@ KEY_FIELD = "key"
 """Stream key in a prediction (and in a sample when the key comes from the payload)."""
 Y_FIELD = "y"
 """Output vector of a prediction."""
+LABEL_FIELD = "label"
+"""Ground truth a simulated device may add to its samples (`edgernn simulate --labels`), for scoring
+predictions live; the daemon ignores it."""
 
 MAX_TOPIC_BYTES = 65535
 """MQTT strings carry a 16-bit length: a topic or filter is at most this many UTF-8 bytes."""

@@ -1,0 +1,107 @@
+"""`edgernn simulate` run as a user runs it: a real process, a real Mosquitto, the summary it prints."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from broker import Client, Mosquitto
+from edgernn.cli import main
+
+CLI = [sys.executable, "-m", "edgernn", "simulate"]
+
+
+@pytest.fixture
+def broker(tmp_path):
+    mosquitto = Mosquitto(tmp_path / "broker").start()
+    yield mosquitto
+    mosquitto.stop()
+
+
+def simulate(*args, timeout=60):
+    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.broker
+def test_simulate_runs_a_fleet_and_prints_a_json_summary(broker):
+    watcher = Client(broker.port, subscribe="plant/#")
+    try:
+        done = simulate("--devices", 3, "--rate", 20, "--broker", f"127.0.0.1:{broker.port}", "--duration", 1,
+                        "--seed", 3, "--faults", "drop=0.1,duplicate=0.1", "--topic", "plant/{device}/{profile}",
+                        "--id-prefix", "m-", "--profile", "temperature", "--json")
+        assert done.returncode == 0, done.stderr
+        summary = json.loads(done.stdout)
+        assert summary["devices"] == 3 and summary["profile"] == "temperature" and summary["rate_hz"] == 20
+        assert summary["samples"] > 0 and summary["interrupted"] is False
+        assert summary["faults"]["drop"] > 0 and summary["faults"]["duplicate"] > 0
+        assert summary["published"] == summary["samples"] - summary["faults"]["drop"] + summary["faults"]["duplicate"]
+        assert summary["acked"] == summary["published"] and summary["buffered"] == 0
+        messages = watcher.wait_for(summary["published"])
+        assert len(messages) == summary["published"]
+        assert {topic for topic, _ in messages} == {f"plant/m-000{i}/temperature" for i in range(3)}
+        assert all(len(json.loads(payload)["x"]) == 1 for _, payload in messages)
+    finally:
+        watcher.client.disconnect()  # first, so paho's loop thread wakes and ends at once
+        watcher.close()
+
+
+@pytest.mark.broker
+def test_ctrl_c_stops_cleanly_with_a_summary(broker):
+    watcher = Client(broker.port, subscribe="sensors/#")
+    process = subprocess.Popen(CLI + ["--devices", "2", "--broker", f"127.0.0.1:{broker.port}"], text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not ignored
+    try:
+        assert len(watcher.wait_for(20, timeout=30)) >= 20  # it runs
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        watcher.client.disconnect()
+        watcher.close()
+    assert process.returncode == 0, err
+    assert "simulated 2 imu devices at 50 Hz" in out and "-- interrupted" in out
+    published = int(out.split("published: ")[1].split()[0].replace(",", ""))
+    assert f"(acknowledged {published:,})" in out and "still buffered 0" in out
+
+
+@pytest.mark.broker
+def test_simulate_replays_a_csv_file(broker, tmp_path):
+    recording = tmp_path / "rec.csv"
+    recording.write_text("ts,temp_c,label\n" + "".join(f"{n * 0.01},{20 + n * 0.1},normal\n" for n in range(25)))
+    done = simulate("--replay", recording, "--broker", f"127.0.0.1:{broker.port}", "--profile", "temperature",
+                    "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["devices"] == 1 and summary["samples"] == summary["published"] == summary["acked"] == 25
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--faults", "dorp=1"], "argument --faults: faults: unknown setting 'dorp'"),
+    (["--broker", "host:99999"], "argument --broker: must be HOST:PORT"),
+    (["--broker", "[::1"], "argument --broker: must be HOST:PORT or [IPv6]:PORT"),
+    (["--rate", "0"], "argument --rate: must be a positive number"),
+    (["--qos", "2"], "argument --qos: invalid choice"),
+    (["--replay", "x.csv", "--devices", "4"], "--replay runs one device"),
+])
+def test_usage_errors_exit_2(capsys, args, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(["simulate"] + args)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_missing_replay_file_is_one_line(capsys, tmp_path):
+    assert main(["simulate", "--replay", str(tmp_path / "none.csv")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("edgernn: error: ") and "none.csv" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_unknown_profile_is_one_line(capsys):
+    assert main(["simulate", "--profile", "sonar", "--broker", "127.0.0.1:1"]) == 1
+    assert "unknown profile 'sonar': choose one of imu, vibration, temperature" in capsys.readouterr().err
