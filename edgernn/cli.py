@@ -11,6 +11,11 @@
     edgernn compile                  fill Numba's cache now (e.g. at install), not at the first start
     edgernn serve --config FILE      the MQTT daemon: one prediction per message, state kept per stream
                                      (--check: load the config and models, print the config, exit)
+    edgernn simulate --devices N --rate HZ --profile imu --broker HOST:PORT --duration S
+                                     a fleet of simulated sensor devices publishing over MQTT (--faults,
+                                     --replay FILE.csv); a summary at the end or on Ctrl-C (--json)
+    edgernn demo [--duration S]      a broker, the daemon and a simulated fleet on this machine, with a
+                                     live view of the predictions; a summary at the end or on Ctrl-C
 
 Errors are one line on stderr (``edgernn: error: ...``) and exit status 1; usage errors exit 2.
 ``--debug`` shows tracebacks and debug logs. Stage lines go to stderr when it is a terminal.
@@ -124,6 +129,59 @@ def _parser() -> argparse.ArgumentParser:
                        help="load the config and every model, print the config (secrets hidden) and exit")
     serve.set_defaults(run=_serve)
 
+    simulate = commands.add_parser(
+        "simulate", parents=[common], help="run a fleet of simulated sensor devices",
+        description="Simulated sensor devices that publish over MQTT like real firmware: each its own client id "
+                    "and last will (devices/<id>/status), a seq and ts per sample, a store-and-forward buffer while "
+                    "offline. All from one thread. Runs for --duration seconds or until Ctrl-C, then prints a "
+                    "summary.")
+    simulate.add_argument("--devices", type=_positive_int, metavar="N", help="devices (default 10)")
+    simulate.add_argument("--rate", type=_positive_float, metavar="HZ",
+                          help="samples per second per device (default: the profile's own -- imu 50, vibration "
+                               "200, temperature 1; a replayed file's timestamps)")
+    simulate.add_argument("--profile", default="imu",
+                          help="imu, vibration or temperature (default imu); also the {profile} of the topic")
+    simulate.add_argument("--broker", type=_broker_address, default=("127.0.0.1", 1883), metavar="HOST:PORT",
+                          help="the MQTT broker (default 127.0.0.1:1883)")
+    simulate.add_argument("--duration", type=_positive_float, metavar="S",
+                          help="seconds to run (default: until Ctrl-C, or a replayed file's end)")
+    simulate.add_argument("--seed", type=int, default=0, help="seed of signals, faults and jitter (default 0)")
+    simulate.add_argument("--faults", type=_faults, default=None, metavar="SPEC",
+                          help="e.g. drop=0.01,duplicate=0.01,reorder=0.01,nan=0.005,stuck=0.001,malformed=0.005,"
+                               "storm_every=20 (also storm_fraction, storm_downtime, stuck_run)")
+    simulate.add_argument("--qos", type=int, choices=(0, 1), default=1, help="QoS of the samples (default 1)")
+    simulate.add_argument("--topic", default="sensors/{device}/{profile}", metavar="TEMPLATE",
+                          help="publish topic, {device} and {profile} filled in (default sensors/{device}/{profile})")
+    simulate.add_argument("--replay", metavar="FILE.csv",
+                          help="replay a CSV file as one device: a header row of channel names, optional ts and "
+                               "label columns; at the file's timestamps, or at --rate")
+    simulate.add_argument("--id-prefix", default="dev", metavar="PREFIX", help="device ids PREFIX0000... (default dev)")
+    simulate.add_argument("--buffer", type=_positive_int, default=1000, metavar="N",
+                          help="readings each device keeps while offline (default 1000; the oldest go first)")
+    simulate.add_argument("--labels", action="store_true",
+                          help="put each sample's true label in its payload (\"label\"), for scoring predictions")
+    simulate.add_argument("--json", action="store_true", help="print the summary as JSON")
+    simulate.set_defaults(run=_simulate, parser=simulate)
+
+    demo = commands.add_parser(
+        "demo", parents=[common], help="the whole pipeline on this machine, watched live",
+        description="Start a broker (a local Mosquitto, else an embedded amqtt; or --broker), `edgernn serve` with "
+                    "the bundled IMU activity classifier (or --model) and a simulated fleet of wearables, and show "
+                    "per device the true activity, the predicted one, messages/s and a running accuracy.")
+    demo.add_argument("--duration", type=_positive_float, default=60.0, metavar="S",
+                      help="seconds the fleet runs (default 60); Ctrl-C stops sooner")
+    demo.add_argument("--devices", type=_positive_int, default=8, metavar="N", help="simulated devices (default 8)")
+    demo.add_argument("--rate", type=_positive_float, default=50.0, metavar="HZ", help="samples/s per device (default 50)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the simulated fleet (default 0)")
+    demo.add_argument("--broker", metavar="HOST:PORT", help="use this broker instead of starting one")
+    demo.add_argument("--broker-kind", choices=("auto", "mosquitto", "amqtt"), default="auto",
+                      help="which local broker to start (default auto: Mosquitto when installed, else amqtt)")
+    demo.add_argument("--model", metavar="FILE", help="an .ern classifier of the imu profile (default: the bundled one)")
+    demo.add_argument("--headless", action="store_true", help="plain progress lines instead of the live view")
+    demo.add_argument("--json", metavar="FILE", help="also write the summary to FILE as JSON")
+    demo.add_argument("--screenshot", metavar="FILE.svg", help="save the view's last frame as an SVG picture")
+    demo.set_defaults(run=_demo)
+
     compile_ = commands.add_parser("compile", parents=[common],
                                    help="compile the kernels into Numba's cache (one time, any model)")
     compile_.set_defaults(run=_compile)
@@ -142,6 +200,39 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    import math
+
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _broker_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``HOST`` (port 1883) or ``[IPv6]:PORT`` -> (host, port)."""
+    host, port = text, "1883"
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise argparse.ArgumentTypeError(f"must be HOST:PORT or [IPv6]:PORT, got {text!r}")
+        port = rest[1:] or port
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"must be HOST:PORT (port 1-65535), got {text!r}")
+    return host, int(port)
+
+
+def _faults(text: str):
+    from .firmware_sim.faults import Faults
+
+    try:
+        return Faults.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _stage(message: str) -> None:
@@ -351,6 +442,74 @@ def _serve(args) -> int:
     logging.getLogger("edgernn.runtime").info("config loaded from %s", args.config,
                                               extra={"event": "config", "config": redacted(config)})
     return Daemon(config).run()
+
+
+def _simulate(args) -> int:
+    """Run the fleet in its thread; this one waits, so Ctrl-C (or SIGTERM) stops it cleanly with a summary."""
+    import signal
+    import time
+
+    from .firmware_sim.fleet import Fleet
+    from .firmware_sim.replay import replay_fleet
+
+    host, port = args.broker
+    options = dict(host=host, port=port, seed=args.seed, faults=args.faults, qos=args.qos, topic=args.topic,
+                   buffer=args.buffer, id_prefix=args.id_prefix, labels=args.labels)
+    if args.replay:
+        if args.devices not in (None, 1):
+            args.parser.error("--replay runs one device: leave out --devices")
+        fleet = replay_fleet(args.replay, rate_hz=args.rate, profile=args.profile, **options)
+    else:
+        fleet = Fleet(args.profile, args.devices or 10, args.rate, **options)
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    interrupted = False
+    started = time.monotonic()
+    try:
+        fleet.start(args.duration)
+        _stage(f"{len(fleet.devices)} devices publishing to {host}:{port}; Ctrl-C stops")
+        while not fleet.wait(0.2):
+            pass
+    except KeyboardInterrupt:
+        interrupted = True
+        _stage("stopping: publishing what is buffered")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    stats = fleet.stop()
+    stats["interrupted"] = interrupted
+    stats["wall_s"] = round(time.monotonic() - started, 3)
+    if args.json:
+        print(json.dumps(stats, indent=2))
+    else:
+        print(_simulation_summary(stats, host, port))
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run
+    return run(args)
+
+
+def _simulation_summary(stats: dict, host: str, port: int) -> str:
+    rate = f"{stats['rate_hz']:g} Hz" if stats["rate_hz"] else "the file's timestamps"
+    faults = ", ".join(f"{name} {count}" for name, count in stats["faults"].items() if count) or "none"
+    lag = stats["lag"]
+    lines = [
+        f"simulated {stats['devices']} {stats['profile']} devices at {rate} for {stats['elapsed_s']:g} s "
+        f"(QoS {stats['qos']}, broker {host}:{port}){' -- interrupted' if stats['interrupted'] else ''}",
+        f"samples:   {stats['samples']:,} of {stats['expected_samples']:,} due"
+        + (f" ({stats['achieved_rate_hz']:g} Hz per device)" if stats["achieved_rate_hz"] else ""),
+        f"published: {stats['published']:,} (acknowledged {stats['acked']:,}); still buffered {stats['buffered']:,}, "
+        f"lost to full buffers {stats['dropped_by_buffer']:,}",
+        f"faults:    {faults}",
+        f"network:   {stats['connects']} connects, {stats['disconnects']} connections lost, {stats['storms']} storms",
+        f"lag:       max {lag['max_ms']:g} ms, p99 <= {lag['p99_ms_at_most']} ms, {lag['late_samples']:,} samples "
+        f"late by more than a period",
+    ]
+    return "\n".join(lines)
 
 
 def _compile(args) -> None:
