@@ -12,8 +12,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet $(DEV_INSTALL)
 	touch $@
 
+# A simulated fleet streams into the bundled GRU through a local broker and `edgernn serve`, watched live.
 demo: $(VENV)/.installed
-	$(PY) examples/quickstart.py
+	$(PY) -m edgernn demo $(ARGS)
 
 test: $(VENV)/.installed broker
 	$(PY) -m pytest
