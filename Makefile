@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # torch==2.13.0 is the CPU build (a plain `torch` can pull a multi-GB CUDA build).
 DEV_INSTALL := -e '.[dev]' 'torch==2.13.0'
 
-.PHONY: demo test bench bench-daemon broker clean clean-cache test-arm64
+.PHONY: demo test bench bench-daemon bench-fleet broker clean clean-cache test-arm64
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ bench: $(VENV)/.installed
 # The daemon through a Mosquitto of its own, against a bare subscriber and a bare relay (needs mosquitto).
 bench-daemon: $(VENV)/.installed broker
 	$(PY) benchmarks/daemon_throughput.py
+
+# How many simulated 50 Hz devices one core drives (needs mosquitto).
+bench-fleet: $(VENV)/.installed broker
+	$(PY) benchmarks/fleet_capacity.py
 
 # The daemon's tests start their own Mosquitto; install it where it is missing (Debian/Raspberry Pi OS).
 broker:
