@@ -21,6 +21,7 @@ import argparse
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,8 @@ def train(net: ActivityGRU, X: torch.Tensor, y: torch.Tensor, epochs: int) -> fl
 
 def export_onnx(net: ActivityGRU, path: Path) -> None:
     example = torch.zeros(1, 50, len(ImuSignal.channels))
+    warnings.filterwarnings("ignore", module="torch.onnx")  # the legacy exporter's notices, not ours to act on
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     torch.onnx.export(net.eval(), (example,), path, input_names=["imu"], output_names=["probabilities"],
                       dynamic_axes={"imu": {0: "batch", 1: "time"}}, dynamo=False)
 
