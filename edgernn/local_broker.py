@@ -169,13 +169,13 @@ class LocalBroker:
     def _wait_until_listening(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
+            port = self._port_from_child()  # first: a child that said why it failed has exited by now
+            if port and self._listening(port) and self.process.poll() is None:
+                self.port = port
+                return
             if self.process.poll() is not None:
                 raise BrokerStartError(f"{self.kind} exited with code {self.process.returncode} at start: "
                                        f"{self._log_tail() or '(nothing logged)'}")
-            port = self._port_from_child()
-            if port and self._listening(port):
-                self.port = port
-                return
             time.sleep(0.05)
         raise BrokerStartError(f"{self.kind} did not accept connections on {self.host}:{self.port or '?'} within "
                                f"{START_TIMEOUT:g} s: {self._log_tail() or '(nothing logged)'}")
