@@ -172,8 +172,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="seconds the fleet runs (default 60); Ctrl-C stops sooner")
     demo.add_argument("--devices", type=_positive_int, default=8, metavar="N", help="simulated devices (default 8)")
     demo.add_argument("--rate", type=_positive_float, default=50.0, metavar="HZ", help="samples/s per device (default 50)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the simulated fleet (default 0)")
-    demo.add_argument("--broker", metavar="HOST:PORT", help="use this broker instead of starting one")
+    demo.add_argument("--seed", type=int, default=1,
+                      help="seed of the simulated fleet (default 1: devices the bundled model was not trained on)")
+    demo.add_argument("--broker", type=_broker_address, metavar="HOST:PORT", help="use this broker instead of starting one")
     demo.add_argument("--broker-kind", choices=("auto", "mosquitto", "amqtt"), default="auto",
                       help="which local broker to start (default auto: Mosquitto when installed, else amqtt)")
     demo.add_argument("--model", metavar="FILE", help="an .ern classifier of the imu profile (default: the bundled one)")

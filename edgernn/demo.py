@@ -21,7 +21,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from edgernn.demo_view import ms, percent, render, save_screenshot
+from edgernn.local_broker import die_with_parent
 
 log = logging.getLogger("edgernn.demo")
 
@@ -41,7 +41,7 @@ def daemon_config(folder: Path, model: Path, host: str, port: int) -> Path:
     path = folder / "edgernn.toml"
     path.write_text(f"""# Written by `edgernn demo`.
 [broker]
-host = "{host}"
+host = {json.dumps(host)}
 port = {port}
 client_id = "{DEMO_CLIENT_ID}"
 persistent_session = false
@@ -49,14 +49,14 @@ status_topic = "{STATUS_TOPIC}"
 
 [[pipelines]]
 name = "imu"
-model = "{model}"
+model = {json.dumps(str(model))}
 subscribe = "{SAMPLES}"
 publish = "predictions/{{key}}/imu"
 qos = 1
 publish_qos = 0
 
 [state]
-dir = "{folder / 'state'}"
+dir = {json.dumps(str(folder / 'state'))}
 
 [metrics]
 stats_topic = "{STATS_TOPIC}"
@@ -74,8 +74,11 @@ class DaemonProcess:
     def __init__(self, config: Path, log_path: Path):
         self.log_path = log_path
         self._log = open(log_path, "wb")
+        # Its own session: a Ctrl-C in the terminal reaches the demo only, which then stops the fleet, lets
+        # the daemon answer what was sent, and stops it. It dies with the demo, however the demo ends.
         self.process = subprocess.Popen([sys.executable, "-m", "edgernn", "serve", "--config", str(config)],
-                                        stdout=self._log, stderr=subprocess.STDOUT)
+                                        stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+                                        preexec_fn=die_with_parent)
 
     def failed(self) -> str | None:
         """The end of the daemon's log when it has exited, else None."""
@@ -95,13 +98,6 @@ class DaemonProcess:
         return self.process.returncode
 
 
-def parse_broker(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"--broker {text!r}: expected HOST:PORT")
-    return host, int(port)
-
-
 def run(args) -> int:
     """The demo from the CLI's arguments (see `edgernn demo --help`); 0 when it ran and stopped cleanly."""
     from edgernn.firmware_sim.fleet import Fleet
@@ -109,59 +105,78 @@ def run(args) -> int:
     from edgernn.scoreboard import Scoreboard
 
     model = Path(args.model) if args.model else bundled_model()
-    if not model.is_file():
-        raise FileNotFoundError(f"{model}: no such model file")
+    check_model(model, len(ImuSignal.channels), len(ImuSignal.labels))
     headless = args.headless or not sys.stdout.isatty()
-    say = _Printer()
     with contextlib.ExitStack() as stack:
-        # SIGTERM stops the demo as Ctrl-C does, so everything it started is stopped too.
-        stack.callback(signal.signal, signal.SIGTERM, signal.signal(signal.SIGTERM, _interrupt))
+        for signum in (signal.SIGTERM, signal.SIGHUP):  # stop as Ctrl-C does: everything started is stopped
+            stack.callback(signal.signal, signum, signal.signal(signum, _interrupt))
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgernn-demo-")))
         if args.broker:
-            host, port = parse_broker(args.broker)
+            host, port = args.broker
             broker_name = f"{host}:{port}"
         else:
             from edgernn.local_broker import start_local_broker
             broker = stack.enter_context(start_local_broker(folder / "broker", prefer=args.broker_kind))
             host, port, broker_name = broker.host, broker.port, f"{broker.kind} on {broker.host}:{broker.port}"
         say(f"broker: {broker_name}")
-        board = Scoreboard(host, port, ImuSignal.labels, SAMPLES, PREDICTIONS, stats=STATS_TOPIC,
-                           status=STATUS_TOPIC)
-        stack.callback(board.close)
         daemon = DaemonProcess(daemon_config(folder, model, host, port), folder / "daemon.log")
         stack.callback(daemon.stop)
+        board = Scoreboard(host, port, ImuSignal.labels, SAMPLES, PREDICTIONS, stats=STATS_TOPIC,
+                           status=STATUS_TOPIC)  # after the fork above: no paho thread to fork beside
+        stack.callback(board.close)
         say(f"daemon: edgernn serve with {model.name} (a first run compiles the kernels: up to a minute)")
-        _wait_for_daemon(daemon, board)
+        wait_for_daemon(daemon, board)
         fleet = Fleet("imu", devices=args.devices, rate_hz=args.rate, host=host, port=port, seed=args.seed,
                       labels=True)
         fleet.start()
+        stack.callback(fleet.stop)
         say(f"fleet: {args.devices} simulated IMU wearables at {args.rate:g} Hz; "
             f"{'running' if headless else 'watching'} for {args.duration:g} s (Ctrl-C stops)")
-        interrupted = _watch(board, fleet, args, model.name, broker_name, headless, say)
-        if args.screenshot:
-            save_screenshot(args.screenshot, render(board.snapshot(), fleet.stats(), args, model.name, broker_name,
-                                                    time.monotonic()))
+        interrupted = _watch(board, fleet, args, model.name, broker_name, headless)
+        last_frame = (board.snapshot(), fleet.stats())
         fleet.stop()
-        _drain(board)
+        drain(board)
         summary = _summary(board.snapshot(), fleet.stats(), args, broker_name, interrupted)
-        code = daemon.stop()
-        summary["daemon_exit_code"] = code
-        print(_format_summary(summary))
+        summary["daemon_exit_code"] = daemon.stop()
+        print(_format_summary(summary), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(summary, indent=2))
-        return 0 if code == 0 else 1
+        if args.screenshot:
+            from edgernn.demo_view import render, save_screenshot
+            try:
+                save_screenshot(args.screenshot, render(*last_frame, args, model.name, broker_name, time.monotonic()))
+            except OSError as error:
+                say(f"could not save the screenshot: {error}")
+        return 0 if summary["daemon_exit_code"] == 0 else 1
+
+
+def check_model(path: Path, inputs: int, outputs: int) -> None:
+    """Refuse, before anything starts, a model the imu fleet cannot feed or the scoreboard cannot score."""
+    import edgernn
+    model = edgernn.load(path)
+    if (model.input_size, model.output_size) != (inputs, outputs):
+        raise ValueError(f"{path}: takes {model.input_size} inputs and gives {model.output_size} outputs; the demo's "
+                         f"IMU samples have {inputs} values and its activities {outputs} classes")
+
+
+def say(text: str) -> None:
+    print(f"[demo] {text}", flush=True)
+
+
+def percent(value) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def ms(seconds) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.2f} ms"
 
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-class _Printer:
-    def __call__(self, text: str) -> None:
-        print(f"[demo] {text}", flush=True)
-
-
-def _wait_for_daemon(daemon: DaemonProcess, board) -> None:
+def wait_for_daemon(daemon: DaemonProcess, board) -> None:
+    """Until the daemon's retained status says online (it has loaded its model and subscribed)."""
     deadline = time.monotonic() + DAEMON_START_TIMEOUT_S
     while board.daemon_status != "online":
         failure = daemon.failed()
@@ -173,7 +188,7 @@ def _wait_for_daemon(daemon: DaemonProcess, board) -> None:
         time.sleep(0.1)
 
 
-def _watch(board, fleet, args, model_name: str, broker_name: str, headless: bool, say) -> bool:
+def _watch(board, fleet, args, model_name: str, broker_name: str, headless: bool) -> bool:
     """Show the view until the duration ends or Ctrl-C; True when interrupted."""
     end = time.monotonic() + args.duration
     try:
@@ -188,6 +203,8 @@ def _watch(board, fleet, args, model_name: str, broker_name: str, headless: bool
                 time.sleep(0.1)
         else:
             from rich.live import Live
+
+            from edgernn.demo_view import render
             with Live(render(board.snapshot(), fleet.stats(), args, model_name, broker_name, end),
                       refresh_per_second=4, screen=False) as live:
                 while time.monotonic() < end:
@@ -198,7 +215,7 @@ def _watch(board, fleet, args, model_name: str, broker_name: str, headless: bool
     return False
 
 
-def _drain(board, timeout: float = 5.0) -> None:
+def drain(board, timeout: float = 5.0) -> None:
     """Wait until predictions stop arriving (the daemon has answered what the fleet sent)."""
     deadline, last = time.monotonic() + timeout, -1
     while time.monotonic() < deadline:

@@ -10,16 +10,10 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from edgernn.demo import ms, percent
+
 ROWS = 16
 """Devices shown; the totals cover the whole fleet."""
-
-
-def percent(value) -> str:
-    return "-" if value is None else f"{value:.1%}"
-
-
-def ms(seconds) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:.2f} ms"
 
 
 def render(snap: dict, fleet_stats: dict, args, model_name: str, broker_name: str, end: float) -> Group:
@@ -30,8 +24,8 @@ def render(snap: dict, fleet_stats: dict, args, model_name: str, broker_name: st
                             ("confidence", "right"), ("msg/s", "right"), ("accuracy", "right")):
         table.add_column(column, justify=justify)
     for key, stream in list(snap["streams"].items())[:ROWS]:
-        right = stream["predicted"] == stream["truth"]
-        predicted = Text(stream["predicted"] or "-", style="green" if right else "bold red")
+        style = {True: "green", False: "bold red"}.get(stream["last_correct"], "")
+        predicted = Text(stream["predicted"] or "-", style=style)
         table.add_row(key, stream["truth"] or "-", predicted, f"{stream['confidence']:.2f}",
                       f"{stream['rate']:.0f}", percent(stream["accuracy"]))
     hidden = len(snap["streams"]) - ROWS

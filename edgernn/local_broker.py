@@ -27,6 +27,7 @@ import importlib.util
 import logging
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -122,7 +123,7 @@ class LocalBroker:
             # A session of its own: a Ctrl-C in the terminal reaches the demo, which stops its clients first
             # and the broker last, instead of the broker dying under them.
             self.process = subprocess.Popen(self._command(), stdin=pipe, stdout=pipe, stderr=log_file,
-                                            start_new_session=True)
+                                            start_new_session=True, preexec_fn=die_with_parent)
         try:
             self._wait_until_listening()
         except BaseException:
@@ -297,6 +298,27 @@ class AmqttBroker(LocalBroker):
                 pass
             return None
         raise BrokerStartError(f"the amqtt broker said {line!r} instead of its port: {self._log_tail()}")
+
+
+def die_with_parent() -> None:
+    """In a child before it runs (``preexec_fn``): on Linux, SIGTERM it when its parent dies, even by SIGKILL
+    (strictly: when the thread that started it ends; start children from the main thread).
+
+    prctl is looked up in the parent (`_prctl`): the forked child only calls it, no loader lock taken.
+    """
+    if _prctl is not None:
+        _prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
+def _find_prctl():
+    try:
+        import ctypes
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None  # not Linux: the parent's exit handlers stop the child instead
+
+
+_prctl = _find_prctl()
 
 
 def start_local_broker(directory: Path, prefer: str = "auto", port: int | None = None) -> LocalBroker:

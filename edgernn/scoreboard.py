@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgernn.protocol import KEY_FIELD, LABEL_FIELD, SEQ_FIELD, TopicFilter, Y_FIELD
+from edgernn.protocol import KEY_FIELD, LABEL_FIELD, SEQ_FIELD, TopicFilter, Y_FIELD, key_level
 
 PENDING_PER_STREAM = 2048
 """Samples kept per stream while their predictions are on their way; older ones are forgotten."""
@@ -32,9 +32,10 @@ LATENCY_SAMPLES = 4096
 class StreamScore:
     """What one stream (device) looks like right now."""
 
-    truth: str = ""
-    predicted: str = ""
+    truth: str = ""       # the label of the latest sample
+    predicted: str = ""   # the class of the latest prediction
     confidence: float = 0.0
+    last_correct: bool | None = None  # whether the latest scored prediction matched its own sample's label
     correct: int = 0
     scored: int = 0
     predictions: int = 0
@@ -68,6 +69,7 @@ class Scoreboard:
         self._index = {name: i for i, name in enumerate(classes)}
         self._lock = threading.Lock()
         self._samples, self._predictions = TopicFilter(samples), TopicFilter(predictions)
+        self._key_level = key_level(self._samples, None)  # where the daemon finds the stream key, by default
         self._subscriptions = [(samples, 0), (predictions, 0)] + [(t, 0) for t in (stats, status) if t]
         self._stats_topic, self._status_topic = stats, status
         self._subscribed = threading.Event()
@@ -102,7 +104,7 @@ class Scoreboard:
                 self._sample(message.topic, body, now)
 
     def _sample(self, topic: str, body: dict, now: float) -> None:
-        key = topic.split("/")[self._samples.wildcard_levels[0]] if self._samples.wildcard_levels else topic
+        key = topic.split("/")[self._key_level]
         seq, label = body.get(SEQ_FIELD), body.get(LABEL_FIELD)
         self.samples_seen += 1
         if not isinstance(seq, int) or label not in self._index:
@@ -132,6 +134,7 @@ class Scoreboard:
         self.confusion[truth][best] += 1
         stream.scored += 1
         stream.correct += truth == best
+        stream.last_correct = truth == best
 
     # ---- readers (any thread) ---------------------------------------------------------------------
     def snapshot(self) -> dict:
@@ -139,6 +142,7 @@ class Scoreboard:
         now = time.monotonic()
         with self._lock:
             streams = {key: {"truth": s.truth, "predicted": s.predicted, "confidence": s.confidence,
+                             "last_correct": s.last_correct,
                              "accuracy": s.accuracy, "rate": s.rate(now), "predictions": s.predictions}
                        for key, s in sorted(self.streams.items())}
             correct = sum(s.correct for s in self.streams.values())
@@ -160,8 +164,8 @@ class Scoreboard:
             }
 
     def close(self) -> None:
+        self.client.disconnect()  # first: the network loop then ends at once, not at its next select timeout
         self.client.loop_stop()
-        self.client.disconnect()
 
 
 def _percentile(ordered: list[float], q: float) -> float | None:

@@ -126,7 +126,8 @@ def main() -> None:
     loss = train(net, X, y, epochs)
     print(f"2. trained {epochs} epochs in {time.monotonic() - started:.0f} s, final loss {loss:.3f}")
 
-    folder = Path(tempfile.mkdtemp(prefix="activity_gru-")) if args.out is None else args.out
+    scratch = tempfile.TemporaryDirectory(prefix="activity_gru-") if args.out is None else None
+    folder = Path(scratch.name) if scratch else args.out
     folder.mkdir(parents=True, exist_ok=True)
     onnx_path, ern_path = folder / "activity_gru.onnx", folder / "activity_gru.ern"
     export_onnx(net, onnx_path)
@@ -149,8 +150,6 @@ def main() -> None:
 
     from serve_and_score import serve_and_score
     serve_and_score(ern_path, devices=4 if args.quick else 20, seconds=5 if args.quick else 30)
-    if args.out is None:
-        shutil.rmtree(folder)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from edgernn.demo import DaemonProcess, daemon_config, STATS_TOPIC, STATUS_TOPIC, SAMPLES, PREDICTIONS
-from edgernn.demo_view import ms, percent
+from edgernn.demo import (PREDICTIONS, SAMPLES, STATS_TOPIC, STATUS_TOPIC, DaemonProcess, daemon_config, drain, ms,
+                          percent, wait_for_daemon)
 from edgernn.firmware_sim.signals import ImuSignal
 from edgernn.local_broker import start_local_broker
 from edgernn.scoreboard import Scoreboard
@@ -24,23 +23,20 @@ def serve_and_score(model: Path, devices: int, seconds: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="activity-serve-") as folder:
         folder = Path(folder)
         with start_local_broker(folder / "broker") as broker:
-            board = Scoreboard(broker.host, broker.port, ImuSignal.labels, SAMPLES, PREDICTIONS,
-                               stats=STATS_TOPIC, status=STATUS_TOPIC)
             config = daemon_config(folder, model, broker.host, broker.port)
             print(f"6. serve: {broker.kind} on port {broker.port}; edgernn serve --config {config.name}:")
             print("   " + config.read_text().replace("\n", "\n   ").rstrip())
             daemon = DaemonProcess(config, folder / "daemon.log")
+            board = Scoreboard(broker.host, broker.port, ImuSignal.labels, SAMPLES, PREDICTIONS,
+                               stats=STATS_TOPIC, status=STATUS_TOPIC)
             try:
-                while board.daemon_status != "online":
-                    if daemon.failed() is not None:
-                        raise RuntimeError(f"edgernn serve exited:\n{daemon.failed()}")
-                    time.sleep(0.1)
+                wait_for_daemon(daemon, board)
                 command = [sys.executable, "-m", "edgernn", "simulate", "--profile", "imu", "--labels",
                            "--devices", str(devices), "--rate", "50", "--duration", str(seconds),
                            "--broker", f"{broker.host}:{broker.port}", "--seed", "777"]
                 print(f"   edgernn simulate --devices {devices} --rate 50 --duration {seconds:g} --labels")
                 subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-                time.sleep(1.0)  # the last predictions are on their way
+                drain(board)  # until the last predictions are in
                 snap = board.snapshot()
             finally:
                 daemon.stop()
