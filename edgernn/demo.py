@@ -194,7 +194,7 @@ def _watch(board, fleet, args, model_name: str, broker_name: str, headless: bool
     try:
         if headless:
             next_line = time.monotonic()
-            while time.monotonic() < end:
+            while time.monotonic() < end and not fleet.wait(0):  # a fleet that failed ends the demo
                 if time.monotonic() >= next_line:
                     snap = board.snapshot()
                     say(f"{snap['predictions']} predictions, {snap['rate']:.0f}/s, accuracy "
@@ -207,7 +207,7 @@ def _watch(board, fleet, args, model_name: str, broker_name: str, headless: bool
             from edgernn.demo_view import render
             with Live(render(board.snapshot(), fleet.stats(), args, model_name, broker_name, end),
                       refresh_per_second=4, screen=False) as live:
-                while time.monotonic() < end:
+                while time.monotonic() < end and not fleet.wait(0):
                     time.sleep(0.25)
                     live.update(render(board.snapshot(), fleet.stats(), args, model_name, broker_name, end))
     except KeyboardInterrupt:
