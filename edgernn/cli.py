@@ -134,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Simulated sensor devices that publish over MQTT like real firmware: each its own client id "
                     "and last will (devices/<id>/status), a seq and ts per sample, a store-and-forward buffer while "
                     "offline. All from one thread. Runs for --duration seconds or until Ctrl-C, then prints a "
-                    "summary.")
+                    "summary. Exits 1 when no device could connect or messages were left undelivered.")
     simulate.add_argument("--devices", type=_positive_int, metavar="N", help="devices (default 10)")
     simulate.add_argument("--rate", type=_positive_float, metavar="HZ",
                           help="samples per second per device (default: the profile's own -- imu 50, vibration "
@@ -158,6 +158,11 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--id-prefix", default="dev", metavar="PREFIX", help="device ids PREFIX0000... (default dev)")
     simulate.add_argument("--buffer", type=_positive_int, default=1000, metavar="N",
                           help="readings each device keeps while offline (default 1000; the oldest go first)")
+    simulate.add_argument("--connect-timeout", type=_positive_float, default=5.0, metavar="S",
+                          help="seconds one connection attempt may take; a broker that drops attempts backs "
+                               "off the whole fleet (default 5)")
+    simulate.add_argument("--drain-timeout", type=_positive_float, default=10.0, metavar="S",
+                          help="seconds to deliver what is buffered after the run or Ctrl-C (default 10)")
     simulate.add_argument("--labels", action="store_true",
                           help="put each sample's true label in its payload (\"label\"), for scoring predictions")
     simulate.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -455,7 +460,8 @@ def _simulate(args) -> int:
 
     host, port = args.broker
     options = dict(host=host, port=port, seed=args.seed, faults=args.faults, qos=args.qos, topic=args.topic,
-                   buffer=args.buffer, id_prefix=args.id_prefix, labels=args.labels)
+                   buffer=args.buffer, id_prefix=args.id_prefix, labels=args.labels,
+                   connect_timeout=args.connect_timeout, drain_timeout=args.drain_timeout)
     if args.replay:
         if args.devices not in (None, 1):
             args.parser.error("--replay runs one device: leave out --devices")
@@ -486,7 +492,23 @@ def _simulate(args) -> int:
         print(json.dumps(stats, indent=2))
     else:
         print(_simulation_summary(stats, host, port))
+    failure = _simulation_failure(stats, host, port)
+    if failure:
+        print(f"edgernn: error: {failure}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _simulation_failure(stats: dict, host: str, port: int) -> str | None:
+    """Why the run delivered nothing, or not everything (None when it delivered all it sampled)."""
+    if not stats["connects"]:
+        reason = f" ({stats['last_connect_error']})" if stats["last_connect_error"] else ""
+        return f"no device could connect to {host}:{port}{reason}"
+    undelivered = stats["buffered"] + stats["in_flight"]
+    if undelivered:
+        return (f"{undelivered:,} messages not delivered to {host}:{port} after draining (still buffered "
+                f"{stats['buffered']:,}, unacknowledged {stats['in_flight']:,})")
+    return None
 
 
 def _demo(args) -> int:
@@ -506,7 +528,9 @@ def _simulation_summary(stats: dict, host: str, port: int) -> str:
         f"published: {stats['published']:,} (acknowledged {stats['acked']:,}); still buffered {stats['buffered']:,}, "
         f"lost to full buffers {stats['dropped_by_buffer']:,}",
         f"faults:    {faults}",
-        f"network:   {stats['connects']} connects, {stats['disconnects']} connections lost, {stats['storms']} storms",
+        f"network:   {stats['connects']} connects, {stats['disconnects']} connections lost, {stats['storms']} storms"
+        + (f" ({stats['storm_victims_offline']} devices drawn were offline already)"
+           if stats["storm_victims_offline"] else ""),
         f"lag:       max {lag['max_ms']:g} ms, p99 <= {lag['p99_ms_at_most']} ms, {lag['late_samples']:,} samples "
         f"late by more than a period",
     ]

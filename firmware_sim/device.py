@@ -44,7 +44,7 @@ class Device:
 
     def __init__(self, device_id: str, source, topic: str, events, *, qos: int = 1, buffer: int = 1000,
                  injector: FaultInjector | None = None, window: int = 20, record: bool = False,
-                 truth_window: int = 4096, keepalive: int = 30, labels: bool = False):
+                 truth_window: int = 4096, keepalive: int = 30, labels: bool = False, connect_timeout: float = 5.0):
         if qos not in (0, 1):
             raise ValueError(f"qos must be 0 or 1, got {qos!r}")
         if buffer < 1:
@@ -72,9 +72,11 @@ class Device:
         self._unacked: set[int] = set()
         self.connected = False
         self._closing = False
+        self._address: tuple[str, int] | None = None
         self.done = False  # its source ran out (a replayed file)
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"sim-{device_id}", clean_session=True)
         client.will_set(self.status_topic, OFFLINE, qos=1, retain=True)
+        client.connect_timeout = connect_timeout  # paho allows setting it only before the first connect
         client.max_inflight_messages_set(window + 2)  # the window plus status messages: paho never queues
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -160,11 +162,12 @@ class Device:
     # ---- connection ---------------------------------------------------------------------------------
 
     def connect(self, host: str, port: int) -> None:
-        """Open the connection (a blocking TCP connect, then CONNECT; CONNACK arrives through the loop)."""
-        self.client.connect_async(host, port, self.keepalive)
-        self.client.reconnect()
-
-    def reconnect(self) -> None:
+        """Open a connection: a blocking TCP connect of at most ``connect_timeout`` seconds, then CONNECT (the
+        CONNACK arrives through the fleet's loop). The first connect and every reconnect alike; paho re-sends
+        the unacknowledged QoS 1 messages once the CONNACK is in. Raises OSError (TimeoutError included)."""
+        if self._address != (host, port):
+            self.client.connect_async(host, port, self.keepalive)  # only records where to connect
+            self._address = (host, port)
         self.client.reconnect()
 
     def drop_connection(self) -> None:

@@ -15,8 +15,13 @@ per client: the loop here owns every socket through `selectors` and calls paho's
 A publish is written to the socket inside ``client.publish`` (paho does that when no write callback is
 registered); only when the socket is full does a device ask the selector for write readiness.
 
-Connecting is a blocking TCP connect (paho's ``reconnect``): instant on a LAN or loopback, but an
-unreachable broker stalls the loop for paho's ``connect_timeout`` per attempt.
+Connecting is a blocking TCP connect (`Device.connect`, paho's ``reconnect``): instant on a LAN or
+loopback, but a broker that drops connection attempts stalls the loop for ``connect_timeout`` per attempt.
+So one timed-out attempt backs off the whole host (the next attempt, by any device, waits out the host's
+own exponential backoff), a pass of attempts starts none after `CONNECT_PASS_S` or once the fleet is told
+to stop, and draining starts none that could outlast its deadline once the host has timed out: stopping
+takes at most about ``max(connect_timeout, drain_timeout)`` (one more ``connect_timeout`` only if the broker
+starts dropping attempts in the middle of the drain).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import heapq
 import logging
 import random
 import selectors
+import socket
 import threading
 import time
 
@@ -37,6 +43,7 @@ from .schedule import FileTimes, LagMeter, Periodic
 log = logging.getLogger(__name__)
 
 DEFAULT_TOPIC = "sensors/{device}/{profile}"
+CONNECT_PASS_S = 0.2  # one pass of connection attempts starts none after this long: sampling goes on meanwhile
 
 
 def signal_seed(fleet_seed: int, index: int) -> int:
@@ -52,6 +59,8 @@ class Fleet:
     ``truth(device_id, seq)`` and ``devices`` may be read from any thread while it runs. ``sources``
     replaces the signal generators (one per device, e.g. a replayed file; see replay.py). ``labels`` puts
     each sample's true label in its payload, so any MQTT client can score predictions (`edgernn.scoreboard`).
+    ``storm_victims`` lists the device ids each storm drew (those offline at the time were skipped): the same
+    for the same seed, whatever the timing.
     """
 
     def __init__(self, profile: str = "imu", devices: int = 10, rate_hz: float | None = None,
@@ -72,6 +81,8 @@ class Fleet:
             raise ValueError(f"topic {topic!r}: a fleet of {devices} devices needs {{device}} in its topic")
         if not 0.0 <= jitter < 0.5:
             raise ValueError(f"jitter is a fraction of the sample period, 0 to below 0.5, got {jitter!r}")
+        if not connect_timeout > 0:
+            raise ValueError(f"connect_timeout must be a positive number of seconds, got {connect_timeout!r}")
         if window < 1 or (flush_per_tick is not None and flush_per_tick < 1) or tick < 0:
             raise ValueError("window and flush_per_tick must be at least 1, tick at least 0")
         if not id_prefix or any(char in id_prefix for char in "/+#\0"):
@@ -99,8 +110,8 @@ class Fleet:
             injector = FaultInjector(self.faults, f"faults/{seed}/{index}") if injecting else None
             device = Device(device_id, source, template.format(device=device_id, profile=profile), self, qos=qos,
                             buffer=buffer, injector=injector, window=window, record=record,
-                            truth_window=truth_window, keepalive=keepalive, labels=labels)
-            device.client.connect_timeout = connect_timeout
+                            truth_window=truth_window, keepalive=keepalive, labels=labels,
+                            connect_timeout=connect_timeout)
             self.devices.append(device)
         self._by_id = {device.id: device for device in self.devices}
         self.rate_hz = getattr(sources[0], "rate_hz", None)
@@ -117,7 +128,12 @@ class Fleet:
         self._backoff_jitter = random.Random(f"backoff/{seed}")  # apart, so storms stay seeded
         self._next_storm: float | None = None
         self._next_misc = 0.0
-        self._storm_count = self._storm_drops = 0
+        self._storm_count = self._storm_drops = self._storm_skips = 0
+        self.storm_victims: list[tuple[str, ...]] = []
+        self._host_retry_at = 0.0  # after a connect timed out: no attempt, by any device, before this
+        self._host_delay = reconnect_delay[0]
+        self._host_timed_out = False  # the last attempt that settled it: timed out, not connected
+        self._last_connect_error: str | None = None
         self._lag = LagMeter()
         self._closing = False
         self._stop = threading.Event()
@@ -126,6 +142,7 @@ class Fleet:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._t0 = self._t_end = None
+        self._stop_requested: float | None = None
         self._wall0 = 0.0
 
     # ---- public API -----------------------------------------------------------------------------------
@@ -142,7 +159,10 @@ class Fleet:
             self._drain()
         finally:
             self._started.set()
-            self._close()
+            try:
+                self._close()
+            finally:
+                self._close_sources()
         return self.stats()
 
     def start(self, duration: float | None = None) -> "Fleet":
@@ -165,7 +185,10 @@ class Fleet:
         return self
 
     def stop(self, timeout: float | None = None) -> dict:
-        """Stop sampling, publish what is buffered, disconnect; returns `stats`."""
+        """Stop sampling, publish what is buffered (``drain_timeout`` from now at most), disconnect; returns
+        `stats`."""
+        if self._stop_requested is None:
+            self._stop_requested = time.monotonic()
         self._stop.set()
         self.wait(timeout)
         if self._error is not None:
@@ -218,7 +241,9 @@ class Fleet:
             "connected": sum(device.connected for device in devices),
             "connects": sum(device.connects for device in devices),
             "disconnects": sum(device.disconnects for device in devices),
-            "storms": self._storm_count, "faults": faults, "malformed_kinds": malformed,
+            "last_connect_error": self._last_connect_error,
+            "storms": self._storm_count, "storm_victims_offline": self._storm_skips,
+            "faults": faults, "malformed_kinds": malformed,
             "lag": self._lag.summary(),
         }
 
@@ -257,10 +282,9 @@ class Fleet:
         self._selector = selectors.DefaultSelector()
         now = time.monotonic()
         for device in self.devices:
-            device.client.connect_async(self.host, self.port, device.keepalive)
             self._offline[device] = now
         self._reconnect_due(now)
-        deadline = time.monotonic() + self.connect_wait
+        deadline = now + self.connect_wait
         while time.monotonic() < deadline and not self._stop.is_set():
             if all(device.connected for device in self.devices):
                 break
@@ -269,8 +293,9 @@ class Fleet:
             self._poll(0.01)
         missing = [device.id for device in self.devices if not device.connected]
         if missing:
-            log.warning("%d of %d devices not connected to %s:%d after %.1f s (first: %s); they keep trying",
-                        len(missing), len(self.devices), self.host, self.port, self.connect_wait, missing[0])
+            log.warning("%d of %d devices not connected to %s:%d after %.1f s (first: %s%s); they keep trying",
+                        len(missing), len(self.devices), self.host, self.port, time.monotonic() - now, missing[0],
+                        f", {self._last_connect_error}" if self._last_connect_error else "")
 
     def _sample_loop(self, duration: float | None) -> None:
         start = time.monotonic() + 0.01
@@ -333,16 +358,18 @@ class Fleet:
             device.finish()
             if device.buffer:
                 self._pending.add(device)
-        deadline = time.monotonic() + self.drain_timeout
+        deadline = (self._stop_requested or time.monotonic()) + self.drain_timeout  # from Ctrl-C, not later
         while time.monotonic() < deadline:
             if all(device.settled for device in self.devices):
                 return
-            now = time.monotonic()
-            self._housekeeping(now, storms=False)
+            self._housekeeping(time.monotonic(), storms=False, deadline=deadline)
             self._pump()
-            self._poll(0.01)
+            self._poll(max(0.0, min(0.01, deadline - time.monotonic())))
+        if all(device.settled for device in self.devices):
+            return
         unsent = sum(len(device.buffer) + device.in_flight for device in self.devices)
-        log.warning("%d messages not sent or not acknowledged after %.1f s of draining", unsent, self.drain_timeout)
+        log.warning("%d messages not sent or not acknowledged within the drain timeout (%.1f s)", unsent,
+                    self.drain_timeout)
 
     def _close(self) -> None:
         """A clean stop for every connected device, then the sockets are closed."""
@@ -361,6 +388,16 @@ class Fleet:
             self._selector.unregister(key.fileobj)
             key.fileobj.close()
         self._selector.close()
+
+    def _close_sources(self) -> None:
+        """A replayed file stays open while it is read: close it, also when the run stopped early."""
+        for device in self.devices:
+            close = getattr(device.source, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except OSError as error:
+                    log.debug("%s: closing its source: %s", device.id, error)
 
     def _pump(self) -> None:
         limit = self.flush_per_tick
@@ -402,10 +439,10 @@ class Fleet:
             self._writers.add(device)
             self._selector.modify(device.client.socket(), selectors.EVENT_READ | selectors.EVENT_WRITE, device)
 
-    def _housekeeping(self, now: float, storms: bool) -> None:
+    def _housekeeping(self, now: float, storms: bool, deadline: float | None = None) -> None:
         if storms and self.faults.storm_every:
             self._storm(now)
-        self._reconnect_due(now)
+        self._reconnect_due(now, deadline)
         for device, since in list(self._connecting.items()):
             if now - since > self.connect_timeout:
                 log.debug("%s: no CONNACK within %.1f s", device.id, self.connect_timeout)
@@ -416,20 +453,52 @@ class Fleet:
                 if device.client.socket() is not None:
                     device.client.loop_misc()  # keepalive pings
 
-    def _reconnect_due(self, now: float) -> None:
+    def _reconnect_due(self, now: float, deadline: float | None = None) -> None:
+        """Connect the devices whose next attempt is due, one blocking TCP connect each.
+
+        Starts no attempt after `CONNECT_PASS_S`, once the fleet is told to stop (unless draining: then none
+        that could outlast ``deadline``), or while the host is backed off. A connect that timed out says the
+        host drops attempts, and trying each device in turn would stall the loop for ``connect_timeout`` per
+        device: the whole host backs off instead.
+        """
+        if now < self._host_retry_at:
+            return
+        pass_end = time.monotonic() + CONNECT_PASS_S
         for device, when in list(self._offline.items()):
             if when > now:
                 continue
+            started = time.monotonic()
+            if started >= pass_end:
+                break
+            if deadline is None:
+                if self._stop.is_set():
+                    break
+            elif started >= deadline or (self._host_timed_out and started + self.connect_timeout > deadline):
+                break
             del self._offline[device]
             try:
-                device.client.reconnect()
+                device.connect(self.host, self.port)
+            except (TimeoutError, socket.gaierror) as error:  # the host, not this device: back off the host
+                self._connect_failed(device, error)
+                self._host_timed_out = True
+                delay = self._host_delay * self._backoff_jitter.uniform(0.75, 1.25)
+                self._host_delay = min(self._host_delay * 2, self.reconnect_delay[1])
+                self._host_retry_at = time.monotonic() + delay
+                log.info("connecting to %s:%d: %s; the next attempt, by any device, in %.2f s",
+                         self.host, self.port, self._last_connect_error, delay)
+                return
             except OSError as error:
-                log.debug("%s: cannot connect to %s:%d: %s", device.id, self.host, self.port, error)
-                self.device_lost(device, error)
+                self._connect_failed(device, error)
             else:
-                self._connecting[device] = now
+                self._host_delay, self._host_timed_out = self.reconnect_delay[0], False
+                self._connecting[device] = time.monotonic()
                 if device.client.want_write():
                     self._want_write(device)
+
+    def _connect_failed(self, device: Device, error: OSError) -> None:
+        self._last_connect_error = str(error) or type(error).__name__
+        log.debug("%s: cannot connect to %s:%d: %s", device.id, self.host, self.port, self._last_connect_error)
+        self.device_lost(device, error)
 
     def _storm(self, now: float) -> None:
         if self._next_storm is None:
@@ -437,12 +506,16 @@ class Fleet:
         if now < self._next_storm:
             return
         self._next_storm = now + self._storms.expovariate(1.0 / self.faults.storm_every)
-        connected = [device for device in self.devices if device.connected]
-        count = min(len(connected), max(1, round(self.faults.storm_fraction * len(self.devices))))
-        victims = self._storms.sample(connected, count)
+        # Drawn from every device, connected or not, so the seeded stream never depends on timing.
+        count = min(len(self.devices), max(1, round(self.faults.storm_fraction * len(self.devices))))
+        victims = [self.devices[index] for index in self._storms.sample(range(len(self.devices)), count)]
+        self.storm_victims.append(tuple(device.id for device in victims))
+        online = [device for device in victims if device.connected]
         self._storm_count += 1
-        self._storm_drops += len(victims)
-        log.info("storm: dropping %d devices for %.1f s", len(victims), self.faults.storm_downtime)
-        for device in victims:
+        self._storm_drops += len(online)
+        self._storm_skips += len(victims) - len(online)
+        log.info("storm: dropping %d devices for %.1f s (%d drawn were offline)", len(online),
+                 self.faults.storm_downtime, len(victims) - len(online))
+        for device in online:
             self._storm_until[device] = now + self.faults.storm_downtime
             device.drop_connection()

@@ -116,8 +116,12 @@ def replay_fleet(path, *, rate_hz: float | None = None, speed: float = 1.0, prof
     """
     from .fleet import Fleet
 
-    source = CsvSource(path, rate_hz)
     if not (math.isfinite(speed) and speed > 0):
         raise ValueError(f"speed must be a positive number, got {speed}")
+    source = CsvSource(path, rate_hz)
     source.speed = speed
-    return Fleet(profile, sources=[source], **options)
+    try:
+        return Fleet(profile, sources=[source], **options)  # the fleet closes the file when its run ends
+    except BaseException:
+        source.close()
+        raise

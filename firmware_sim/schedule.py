@@ -55,6 +55,7 @@ class FileTimes:
         self.first_ts = None
         self.period = 0.05  # for lag accounting only: "late" means later than this
         self.k = 0
+        self.last = -math.inf  # the time of the row scheduled last
 
     def next(self) -> float | None:
         ts = self.source.peek_time()
@@ -63,10 +64,13 @@ class FileTimes:
         if self.first_ts is None:
             self.first_ts = ts
         self.k += 1
-        return self.start + (ts - self.first_ts) / self.speed
+        self.last = self.start + (ts - self.first_ts) / self.speed
+        return self.last
 
     def due_by(self, t: float) -> int:
-        return self.k  # a file's future is unknown; count what was scheduled
+        """The rows scheduled so far, less the last one if it is not due by ``t``: a file's future is unknown,
+        and the row scheduled next is not due yet when a replay stops before its time."""
+        return self.k if self.last <= t else self.k - 1
 
 
 LAG_BUCKETS_MS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)

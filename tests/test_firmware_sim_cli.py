@@ -11,6 +11,7 @@ import pytest
 
 from broker import Client, Mosquitto
 from edgernn.cli import main
+from test_firmware_sim_fleet import dropping_port  # noqa: F401 -- a fixture
 
 CLI = [sys.executable, "-m", "edgernn", "simulate"]
 
@@ -68,6 +69,53 @@ def test_ctrl_c_stops_cleanly_with_a_summary(broker):
     assert "simulated 2 imu devices at 50 Hz" in out and "-- interrupted" in out
     published = int(out.split("published: ")[1].split()[0].replace(",", ""))
     assert f"(acknowledged {published:,})" in out and "still buffered 0" in out
+    assert "error" not in err
+
+
+def interrupt(args: list, when) -> tuple[int, str, str]:
+    """Run ``simulate ARGS``, send SIGINT once ``when()`` is true; (exit status, stdout, stderr)."""
+    process = subprocess.Popen(CLI + [str(a) for a in args], text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not ignored
+    try:
+        when()
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    return process.returncode, out, err
+
+
+def test_ctrl_c_while_the_broker_drops_connection_attempts_stops_and_exits_1(dropping_port):
+    # Before: each of the 20 devices' connects blocked in turn, twice, and Ctrl-C waited for them (minutes).
+    code, out, err = interrupt(["--devices", 20, "--broker", f"127.0.0.1:{dropping_port}", "--connect-timeout", 0.5,
+                                "--drain-timeout", 1], lambda: time.sleep(2.0))
+    assert code == 1, err
+    assert "-- interrupted" in out and "0 connects" in out
+    assert f"edgernn: error: no device could connect to 127.0.0.1:{dropping_port} (timed out)" in err
+
+
+@pytest.mark.broker
+def test_messages_left_undelivered_after_draining_exit_1(broker):
+    watcher = Client(broker.port, subscribe="sensors/#")
+    try:
+        def broker_gone_while_sampling():
+            assert len(watcher.wait_for(20, timeout=30)) >= 20
+            broker.stop()
+            time.sleep(0.5)  # readings pile up in the buffers
+
+        code, out, err = interrupt(["--devices", 2, "--broker", f"127.0.0.1:{broker.port}", "--drain-timeout", 0.5,
+                                    "--json"], broker_gone_while_sampling)
+    finally:
+        watcher.client.disconnect()
+        watcher.close()
+    assert code == 1, err
+    summary = json.loads(out)
+    assert summary["interrupted"] is True and summary["connects"] == 2 and summary["buffered"] > 0
+    assert (f"edgernn: error: {summary['buffered'] + summary['in_flight']:,} messages not delivered to "
+            f"127.0.0.1:{broker.port} after draining (still buffered {summary['buffered']:,}") in err
 
 
 @pytest.mark.broker
@@ -87,6 +135,8 @@ def test_simulate_replays_a_csv_file(broker, tmp_path):
     (["--broker", "[::1"], "argument --broker: must be HOST:PORT or [IPv6]:PORT"),
     (["--rate", "0"], "argument --rate: must be a positive number"),
     (["--qos", "2"], "argument --qos: invalid choice"),
+    (["--connect-timeout", "0"], "argument --connect-timeout: must be a positive number"),
+    (["--drain-timeout", "-1"], "argument --drain-timeout: must be a positive number"),
     (["--replay", "x.csv", "--devices", "4"], "--replay runs one device"),
 ])
 def test_usage_errors_exit_2(capsys, args, message):

@@ -7,6 +7,7 @@ device's distinct messages in order of first arrival: all of them, in order.
 """
 
 import json
+import socket
 import time
 from collections import defaultdict
 
@@ -34,6 +35,32 @@ def watcher(broker):
     yield client
     client.client.disconnect()  # first, so paho's loop thread wakes and ends at once
     client.close()
+
+
+@pytest.fixture
+def dropping_port():
+    """A loopback port that drops connection attempts, as a broker behind a firewall or under a SYN flood: it
+    listens but never accepts, and its accept queue is full, so a new TCP connect times out."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    time.sleep(0.1)
+    probe = socket.socket()
+    probe.settimeout(0.3)
+    try:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0, "this system accepted beyond the accept queue"
+    finally:
+        probe.close()
+    yield port
+    for sock in fillers + [server]:
+        sock.close()
 
 
 def received(client: Client, count: int, timeout: float = 20.0) -> dict:
@@ -153,26 +180,73 @@ def test_storms_drop_devices_abruptly_their_wills_fire_and_nothing_is_lost(broke
 
 def test_store_and_forward_loses_nothing_across_a_broker_restart(broker, watcher):
     fleet = Fleet("imu", 10, 50.0, port=broker.port, seed=4, record=True, buffer=10_000,
-                  reconnect_delay=(0.1, 0.5))
-    fleet.start(duration=4.0)
-    assert wait_until(lambda: fleet.stats()["published"] > 200)
-    broker.stop()
-    assert wait_until(lambda: fleet.stats()["connected"] == 0)
-    before = fleet.stats()["samples"]
-    assert wait_until(lambda: fleet.stats()["samples"] > before + 300)  # readings pile up while offline
-    assert fleet.stats()["buffered"] > 0
-    broker.start()
-    assert fleet.wait(30)
-    stats = fleet.stop()
+                  reconnect_delay=(0.1, 0.5), drain_timeout=30.0)
+    fleet.start()  # until stop(): each step below takes what it takes
+    try:
+        assert wait_until(lambda: fleet.stats()["published"] > 200)
+        broker.stop()
+        assert wait_until(lambda: fleet.stats()["connected"] == 0)
+        before = fleet.stats()["samples"]
+        assert wait_until(lambda: fleet.stats()["samples"] > before + 300)  # readings pile up while offline
+        assert fleet.stats()["buffered"] > 0
+        broker.start()
+        assert wait_until(lambda: fleet.stats()["connected"] == 10, timeout=30)
+        assert watcher.wait_for_connects(2)  # before the clean "offline": it re-subscribes, retained included
+    finally:
+        stats = fleet.stop()
     assert stats["dropped_by_buffer"] == stats["buffered"] == stats["in_flight"] == 0
     assert stats["connects"] == 20 and stats["disconnects"] == 10
-    assert watcher.wait_for_connects(2)
     expected = sum(device.seq for device in fleet.devices)
     watcher._wait_until(lambda: len({p for t, p in watcher.messages if t.startswith("sensors/")}) >= expected, 30)
     data = received(watcher, expected)
     for device in fleet.devices:
         assert first_arrivals(data[device.topic]) == list(range(device.seq))
         assert device.connects == 2
+    assert wait_until(lambda: all(statuses(watcher, d)[-1:] == [b"offline"] for d in fleet.devices))
     for device in fleet.devices:  # the retained "online" again after the restart, then the clean "offline"
         assert statuses(watcher, device)[-2:] == [b"online", b"offline"]
         assert statuses(watcher, device).count(b"online") >= 2
+
+
+def test_storms_draw_the_same_devices_for_the_same_seed_online_or_not(broker):
+    faults = Faults(storm_every=0.1, storm_fraction=0.3, storm_downtime=0.6)
+    online = Fleet("imu", 10, 20.0, port=broker.port, seed=6, faults=faults, reconnect_delay=(0.1, 0.2))
+    online_stats = online.run(1.0)
+    offline = Fleet("imu", 10, 20.0, port=1, seed=6, faults=faults, connect_wait=0.0, drain_timeout=0.0)
+    offline_stats = offline.run(1.0)  # nobody to drop: every draw is skipped, yet the draws are the same
+    storms = min(len(online.storm_victims), len(offline.storm_victims))
+    assert storms >= 3 and online.storm_victims[:storms] == offline.storm_victims[:storms]
+    assert all(len(victims) == 3 for victims in online.storm_victims)
+    for fleet, stats in ((online, online_stats), (offline, offline_stats)):
+        assert stats["storms"] == len(fleet.storm_victims)
+        assert stats["faults"]["storm"] + stats["storm_victims_offline"] == 3 * stats["storms"]
+    assert offline_stats["faults"]["storm"] == 0 and offline_stats["connects"] == 0
+    assert online_stats["faults"]["storm"] == online_stats["disconnects"] > 0
+    assert online_stats["storm_victims_offline"] > 0  # a 0.6 s downtime outlasts the 0.1 s between storms
+    assert online_stats["buffered"] == online_stats["in_flight"] == 0
+
+
+def test_a_broker_that_drops_connection_attempts_backs_off_the_whole_fleet(dropping_port):
+    # Each attempt blocks for connect_timeout; one device after the other, 40 of them would take 20 s to
+    # try once, and stopping waited for all of them (twice: connecting, then draining).
+    fleet = Fleet("imu", 40, 20.0, port=dropping_port, seed=7, connect_timeout=0.5, connect_wait=0.5,
+                  drain_timeout=1.0)
+    fleet.start()
+    time.sleep(1.0)
+    fleet.stop(timeout=15.0)
+    assert fleet.wait(0), "the fleet still runs 15 s after stop(): it tries each device in turn"
+    stats = fleet.stats()
+    assert stats["connects"] == 0 and stats["last_connect_error"] == "timed out"
+    assert stats["samples"] > 0 and stats["buffered"] == stats["samples"]  # sampled meanwhile, all kept
+
+
+def test_draining_gives_up_at_its_deadline_when_the_broker_is_gone(broker):
+    fleet = Fleet("imu", 5, 50.0, port=broker.port, seed=8, drain_timeout=1.0, reconnect_delay=(0.05, 0.1))
+    fleet.start()
+    assert wait_until(lambda: fleet.stats()["published"] > 50)
+    broker.stop()
+    assert wait_until(lambda: fleet.stats()["connected"] == 0)
+    assert wait_until(lambda: fleet.stats()["buffered"] > 0)
+    stats = fleet.stop(timeout=20.0)
+    assert fleet.wait(0)
+    assert stats["buffered"] > 0 and stats["connects"] == 5 and stats["connected"] == 0

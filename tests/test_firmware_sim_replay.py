@@ -2,6 +2,8 @@
 
 import json
 import logging
+import os
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +28,21 @@ def drain(source):
             out.append(source.next())
         except StopIteration:
             return out
+
+
+def open_files() -> set[Path]:
+    """The files this process holds open (Linux)."""
+    fds = Path("/proc/self/fd")
+    paths = set()
+    for fd in fds.iterdir():
+        try:
+            paths.add(Path(os.readlink(fd)))
+        except OSError:
+            pass  # closed meanwhile (e.g. the listing's own descriptor)
+    return paths
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="lists open files through /proc")
 
 
 def test_a_recording_is_read_with_its_channels_labels_and_times(tmp_path):
@@ -95,3 +112,23 @@ def test_a_replay_publishes_every_row_in_order_with_its_truth(tmp_path, rate):
         watcher.client.disconnect()  # first, so paho's loop thread wakes and ends at once
         watcher.close()
         broker.stop()
+
+
+@needs_proc
+@pytest.mark.parametrize("options", [dict(speed=0.0), dict(speed=float("nan")), dict(qos=2), dict(jitter=0.7)])
+def test_a_replay_that_cannot_start_leaves_no_file_open(tmp_path, options):
+    path = write_recording(tmp_path / "walk.csv")
+    with pytest.raises(ValueError) as error:
+        replay_fleet(path, port=1, **options)
+    assert path not in open_files(), error.value  # the traceback still holds replay_fleet's locals
+
+
+@needs_proc
+def test_a_replay_cut_short_closes_its_file_and_counts_only_the_rows_due(tmp_path):
+    rows = [(10.0 * n, [float(n), 0.0, 0.0], "still") for n in range(3)]  # 10 s apart: 0.3 s takes one row
+    path = write_recording(tmp_path / "slow.csv", rows=rows)
+    fleet = replay_fleet(path, port=1, connect_wait=0.0, drain_timeout=0.0)  # no broker: nothing to wait for
+    assert path in open_files()
+    stats = fleet.run(0.3)
+    assert path not in open_files()
+    assert stats["samples"] == stats["expected_samples"] == 1 and stats["achieved_ratio"] == 1.0

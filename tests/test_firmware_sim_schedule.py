@@ -42,6 +42,19 @@ def test_file_times_follow_the_file_scaled_by_speed():
         due.append(t)
         rows.next()
     assert due == [10.0, 10.25, 11.0]
+    assert schedule.due_by(11.0) == 3
+
+
+def test_file_times_count_the_row_scheduled_next_only_once_it_is_due():
+    rows = Rows([1000.0, 1000.5, 1002.0])
+    schedule = FileTimes(rows, start=10.0)
+    assert schedule.due_by(10.0) == 0
+    schedule.next()  # the first row: due at 10.0, taken
+    rows.next()
+    assert schedule.due_by(10.2) == 1
+    schedule.next()  # the second: scheduled for 10.5; the replay stops at 10.2, before it is taken
+    assert schedule.due_by(10.2) == 1
+    assert schedule.due_by(10.5) == 2
 
 
 def test_lag_meter_counts_late_samples_and_bounds_quantiles():
