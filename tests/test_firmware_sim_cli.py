@@ -1,7 +1,6 @@
 """`edgernn simulate` run as a user runs it: a real process, a real Mosquitto, the summary it prints."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
