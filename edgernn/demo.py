@@ -193,7 +193,7 @@ def _watch(board, fleet, args, model_name: str, broker_name: str, headless: bool
     end = time.monotonic() + args.duration
     try:
         if headless:
-            next_line = time.monotonic()
+            next_line = time.monotonic() + 2.0
             while time.monotonic() < end and not fleet.wait(0):  # a fleet that failed ends the demo
                 if time.monotonic() >= next_line:
                     snap = board.snapshot()
