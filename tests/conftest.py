@@ -1,4 +1,4 @@
-"""Test-session setup.
+"""Test-session setup, and the fixtures several test modules share.
 
 Numba's on-disk cache is keyed by each kernel's own source file, so editing a cell module leaves the
 cached entry points in stack.py stale. The tests therefore compile into a cache directory named by a
@@ -7,7 +7,11 @@ hash of all of edgernn's sources: a changed source always means a fresh compile,
 
 import hashlib
 import os
+import socket
+import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,3 +25,38 @@ def _sources_digest() -> str:
 
 
 os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".numba_cache" / _sources_digest()))
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A Mosquitto of the test's own (tests/broker.py), stopped at the end."""
+    from broker import Mosquitto
+    server = Mosquitto(tmp_path / "broker").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def dropping_port():
+    """A loopback port that drops connection attempts, as a broker behind a firewall or under a SYN flood: it
+    listens but never accepts, and its accept queue is full, so a new TCP connect times out."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    time.sleep(0.1)
+    probe = socket.socket()
+    probe.settimeout(0.3)
+    try:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0, "this system accepted beyond the accept queue"
+    finally:
+        probe.close()
+    yield port
+    for sock in fillers + [server]:
+        sock.close()

@@ -28,13 +28,6 @@ ATOL = 1e-5
 
 
 @pytest.fixture
-def broker(tmp_path):
-    server = Mosquitto(tmp_path / "broker").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def model(tmp_path):
     return write_model(tmp_path / "model.ern")
 

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from broker import Client, Mosquitto, mosquitto_binary
+from broker import Client, mosquitto_binary
 from daemon_harness import (DaemonProcess, offline, payload, sample, start_daemon, wait_until, write_config,
                             write_model)
 from edgernn.runtime.codecs import REJECT_REASONS
@@ -37,13 +37,6 @@ def broker_test(test):
     for mark in needs_broker:
         test = mark(test)
     return test
-
-
-@pytest.fixture
-def broker(tmp_path):
-    server = Mosquitto(tmp_path / "broker").start()
-    yield server
-    server.stop()
 
 
 # ---- the journal and the model reload (no broker) --------------------------------------------------

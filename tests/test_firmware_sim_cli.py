@@ -8,18 +8,10 @@ import time
 
 import pytest
 
-from broker import Client, Mosquitto
+from broker import Client
 from edgernn.cli import main
-from test_firmware_sim_fleet import dropping_port  # noqa: F401 -- a fixture
 
 CLI = [sys.executable, "-m", "edgernn", "simulate"]
-
-
-@pytest.fixture
-def broker(tmp_path):
-    mosquitto = Mosquitto(tmp_path / "broker").start()
-    yield mosquitto
-    mosquitto.stop()
 
 
 def simulate(*args, timeout=60):

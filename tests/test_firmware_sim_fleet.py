@@ -7,14 +7,13 @@ device's distinct messages in order of first arrival: all of them, in order.
 """
 
 import json
-import socket
 import time
 from collections import defaultdict
 
 import numpy as np
 import pytest
 
-from broker import Client, Mosquitto
+from broker import Client
 from edgernn.firmware_sim.faults import MESSAGE_FAULTS, Faults
 from edgernn.firmware_sim.fleet import Fleet
 from edgernn.runtime.codecs import DecodeError, Decoder
@@ -23,44 +22,11 @@ pytestmark = pytest.mark.broker
 
 
 @pytest.fixture
-def broker(tmp_path):
-    mosquitto = Mosquitto(tmp_path / "broker").start()
-    yield mosquitto
-    mosquitto.stop()
-
-
-@pytest.fixture
 def watcher(broker):
     client = Client(broker.port, client_id="watcher", subscribe="#")  # a persistent QoS 1 session
     yield client
     client.client.disconnect()  # first, so paho's loop thread wakes and ends at once
     client.close()
-
-
-@pytest.fixture
-def dropping_port():
-    """A loopback port that drops connection attempts, as a broker behind a firewall or under a SYN flood: it
-    listens but never accepts, and its accept queue is full, so a new TCP connect times out."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(0)
-    port = server.getsockname()[1]
-    fillers = []
-    for _ in range(4):
-        filler = socket.socket()
-        filler.setblocking(False)
-        filler.connect_ex(("127.0.0.1", port))
-        fillers.append(filler)
-    time.sleep(0.1)
-    probe = socket.socket()
-    probe.settimeout(0.3)
-    try:
-        assert probe.connect_ex(("127.0.0.1", port)) != 0, "this system accepted beyond the accept queue"
-    finally:
-        probe.close()
-    yield port
-    for sock in fillers + [server]:
-        sock.close()
 
 
 def received(client: Client, count: int, timeout: float = 20.0) -> dict:
