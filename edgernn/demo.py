@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import signal
 import subprocess
 import sys
@@ -21,9 +20,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from edgernn.local_broker import die_with_parent
-
-log = logging.getLogger("edgernn.demo")
+from edgernn.local_broker import die_with_parent, start_local_broker, stop_child
 
 DEMO_CLIENT_ID = "edgernn-demo"
 STATUS_TOPIC = "edgernn/demo/status"
@@ -87,13 +84,7 @@ class DaemonProcess:
         return self.log_path.read_text(errors="replace")[-2000:]
 
     def stop(self, timeout: float = 20.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_child(self.process, timeout)
         self._log.close()
         return self.process.returncode
 
@@ -115,7 +106,6 @@ def run(args) -> int:
             host, port = args.broker
             broker_name = f"{host}:{port}"
         else:
-            from edgernn.local_broker import start_local_broker
             broker = stack.enter_context(start_local_broker(folder / "broker", prefer=args.broker_kind))
             host, port, broker_name = broker.host, broker.port, f"{broker.kind} on {broker.host}:{broker.port}"
         say(f"broker: {broker_name}")
@@ -151,11 +141,15 @@ def run(args) -> int:
 
 
 def check_model(path: Path, inputs: int, outputs: int) -> None:
-    """Refuse, before anything starts, a model the imu fleet cannot feed or the scoreboard cannot score."""
-    import edgernn
-    model = edgernn.load(path)
-    if (model.input_size, model.output_size) != (inputs, outputs):
-        raise ValueError(f"{path}: takes {model.input_size} inputs and gives {model.output_size} outputs; the demo's "
+    """Refuse, before anything starts, a model the imu fleet cannot feed or the scoreboard cannot score.
+
+    Reads the file's spec only: building the model here would compile (or load) its kernels in this
+    process too, when only the daemon runs them.
+    """
+    from edgernn.format import read_model_file
+    spec, _ = read_model_file(path)
+    if (spec.input_size, spec.output_size) != (inputs, outputs):
+        raise ValueError(f"{path}: takes {spec.input_size} inputs and gives {spec.output_size} outputs; the demo's "
                          f"IMU samples have {inputs} values and its activities {outputs} classes")
 
 

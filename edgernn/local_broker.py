@@ -186,17 +186,13 @@ class LocalBroker:
         _running.discard(self)
         if process is None:
             return
-        if process.poll() is None:
-            if graceful:
-                process.terminate()
-                try:
-                    process.wait(STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    log.warning("%s broker ignored SIGTERM for %g s; killing it", self.kind, STOP_TIMEOUT,
-                                extra={"event": "broker_killed", "kind": self.kind})
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        if graceful:
+            if not stop_child(process, STOP_TIMEOUT):
+                log.warning("%s broker ignored SIGTERM for %g s; killed it", self.kind, STOP_TIMEOUT,
+                            extra={"event": "broker_killed", "kind": self.kind})
+        elif process.poll() is None:
+            process.kill()
+            process.wait()
         for pipe in (process.stdin, process.stdout):
             if pipe is not None:
                 pipe.close()
@@ -298,6 +294,19 @@ class AmqttBroker(LocalBroker):
                 pass
             return None
         raise BrokerStartError(f"the amqtt broker said {line!r} instead of its port: {self._log_tail()}")
+
+
+def stop_child(process: subprocess.Popen, timeout: float) -> bool:
+    """SIGTERM, then SIGKILL if it is still there after ``timeout`` s; True when it stopped by itself."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            return False
+    return True
 
 
 def die_with_parent() -> None:
