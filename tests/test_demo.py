@@ -69,6 +69,12 @@ def demo_processes(folder_prefix: str) -> list[str]:
     return found
 
 
+def sigint_as_in_a_terminal() -> None:
+    """A background job of a shell (CI, `make test &`) starts with SIGINT ignored, and Python keeps it so;
+    the demo under test must get Ctrl-C as it would in a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_in_the_terminal_stops_everything_with_nothing_lost(tmp_path):
     """SIGINT to the whole process group, as a terminal's Ctrl-C does: the demo stops the fleet, waits for the
     daemon to answer what was sent, prints the summary, and leaves no process or folder behind."""
@@ -76,7 +82,8 @@ def test_ctrl_c_in_the_terminal_stops_everything_with_nothing_lost(tmp_path):
     env = dict(os.environ, TMPDIR=str(tmp_path))  # the demo's temporary folder lands here, to check it is gone
     demo = subprocess.Popen([sys.executable, "-m", "edgernn", "demo", "--duration", "120", "--devices", "6",
                              "--headless", "--json", str(summary_path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+                            preexec_fn=sigint_as_in_a_terminal)
     try:
         lines = []
         for line in demo.stdout:
