@@ -33,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # tests/broker.py (Mosquitto)
 
+from proc import cpu_seconds  # noqa: E402 -- benchmarks/proc.py, beside this script
+
 ACHIEVED_MIN = 0.99
 LATE_MAX = 0.01
 
@@ -71,12 +73,6 @@ def child(args, duration: float) -> int:
     stats["fleet_cpu_s"] = round(cpu, 3)
     print(json.dumps(stats))
     return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def step(devices: int, args, duration: float, broker, fleet_cpu: int | None) -> dict:

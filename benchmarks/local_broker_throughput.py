@@ -25,6 +25,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgernn.local_broker import amqtt_installed, mosquitto_binary, start_local_broker
+from proc import cpu_seconds  # benchmarks/proc.py, beside this script
 
 
 def _client(port: int, client_id: str = "", window: int = 20) -> paho.Client:
@@ -33,12 +34,6 @@ def _client(port: int, client_id: str = "", window: int = 20) -> paho.Client:
     client.connect("127.0.0.1", port)
     client.loop_start()
     return client
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (Linux /proc), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(kind: str, messages: int, publishers: int, window: int) -> dict:
@@ -64,7 +59,7 @@ def measure(kind: str, messages: int, publishers: int, window: int) -> dict:
         senders = [_client(broker.port, f"bench-publisher-{p}", window) for p in range(publishers)]
         per_publisher = messages // publishers
         messages = per_publisher * publishers
-        cpu_before = _cpu_seconds(broker.process.pid)
+        cpu_before = cpu_seconds(broker.process.pid)
         start = time.perf_counter()
         infos = []
         for seq in range(per_publisher):
@@ -75,7 +70,7 @@ def measure(kind: str, messages: int, publishers: int, window: int) -> dict:
         published = time.perf_counter() - start
         complete = done.wait(120)
         delivered = time.perf_counter() - start
-        cpu = _cpu_seconds(broker.process.pid) - cpu_before
+        cpu = cpu_seconds(broker.process.pid) - cpu_before
         for client in (subscriber, *senders):
             client.loop_stop()
             client.disconnect()
