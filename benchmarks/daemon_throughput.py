@@ -73,19 +73,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # tests/broker.py (Mosquitto) and tests/helpers.py (random_model)
 
+from numba_cache import use_test_cache  # noqa: E402
 
-def _numba_cache_dir() -> Path:
-    """The tests' cache directory: named by a hash of edgernn's sources, so it is never stale."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for path in sorted((ROOT / "edgernn").rglob("*.py")):
-        digest.update(path.relative_to(ROOT).as_posix().encode())
-        digest.update(path.read_bytes())
-    return ROOT / ".numba_cache" / digest.hexdigest()[:16]
-
-
-os.environ.setdefault("NUMBA_CACHE_DIR", str(_numba_cache_dir()))  # before anything imports numba
+use_test_cache()  # before anything imports numba: the daemon loads the tests' kernels, no compile
 
 import argparse  # noqa: E402
 import importlib.metadata  # noqa: E402

@@ -1,30 +1,13 @@
-"""Test-session setup, and the fixtures several test modules share.
+"""Test-session setup (Numba's cache: tests/numba_cache.py), and the fixtures several test modules share."""
 
-Numba's on-disk cache is keyed by each kernel's own source file, so editing a cell module leaves the
-cached entry points in stack.py stale. The tests therefore compile into a cache directory named by a
-hash of all of edgernn's sources: a changed source always means a fresh compile, never stale kernels.
-"""
-
-import hashlib
-import os
 import socket
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from numba_cache import use_test_cache
 
-
-def _sources_digest() -> str:
-    digest = hashlib.sha256()
-    for path in sorted((ROOT / "edgernn").rglob("*.py")):
-        digest.update(path.relative_to(ROOT).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".numba_cache" / _sources_digest()))
+use_test_cache()
 
 
 @pytest.fixture

@@ -28,11 +28,13 @@ def write_model(path: Path, cell: str = "gru", seed: int = 0, input_size: int = 
 
 
 def write_config(directory: Path, port: int, pipeline: str = "", top: str = "", state: str = "",
-                 model: str = "model.ern", client_id: str = "edgernn-test", daemon: str = "") -> Path:
+                 model: str = "model.ern", client_id: str = "edgernn-test", daemon: str = "",
+                 metrics: str = "", broker: str = "", log_level: str = "debug") -> Path:
     """The issue's minimal config, on the test broker's port, plus extra TOML lines per table
-    (``daemon`` lines go into a ``[daemon]`` table, written only when given)."""
+    (``daemon`` and ``metrics`` lines go into their tables, written only when given)."""
     path = directory / "edgernn.toml"
     daemon_table = f"[daemon]\n{daemon}\n" if daemon else ""
+    metrics_table = f"[metrics]\n{metrics}\n" if metrics else ""
     path.write_text(f"""{top}
 [broker]
 host = "127.0.0.1"
@@ -40,6 +42,7 @@ port = {port}
 client_id = "{client_id}"
 min_reconnect_interval = 1.0
 max_reconnect_interval = 2.0
+{broker}
 
 [[pipelines]]
 name = "imu"
@@ -54,8 +57,9 @@ dir = "{directory / 'state'}"
 {state}
 
 {daemon_table}
+{metrics_table}
 [log]
-level = "debug"
+level = "{log_level}"
 """)
     return path
 
