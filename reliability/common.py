@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 import tempfile
 import urllib.request
@@ -29,6 +30,7 @@ from numba_cache import use_test_cache  # noqa: E402
 
 use_test_cache()  # before anything imports numba: the daemons load the tests' compiled kernels
 
+import edgernn  # noqa: E402
 from broker import Client, Mosquitto, free_port  # noqa: E402
 from daemon_harness import DaemonProcess, wait_until, write_config, write_model  # noqa: E402
 from proc import cpu_seconds, rss_bytes  # noqa: E402
@@ -82,10 +84,16 @@ class Rig:
         self.config_path = None
 
     def start(self, cell: str = "gru", input_size: int = 3, hidden: int = 12, head: tuple = (2,),
-              broker_config: str = "", **config_tables) -> "Rig":
+              broker_config: str = "", model_path: Path | None = None, **config_tables) -> "Rig":
+        """Start the broker and the daemon: with a random ``cell`` model of these sizes (`write_model`),
+        or with a copy of the model file at ``model_path``. ``model`` is the loaded model."""
         self.broker = Mosquitto(self.folder / "broker", extra_config=broker_config).start()
         self._stack.callback(self.broker.stop)
-        self.model = write_model(self.folder / "model.ern", cell, input_size=input_size, hidden=hidden, head=head)
+        if model_path is None:
+            self.model = write_model(self.folder / "model.ern", cell, input_size=input_size, hidden=hidden, head=head)
+        else:
+            shutil.copyfile(model_path, self.folder / "model.ern")
+            self.model = edgernn.load(self.folder / "model.ern")
         metrics = f'listen = "127.0.0.1:{self.metrics_port}"\n' + config_tables.pop("metrics", "")
         self.config_path = write_config(self.folder, self.broker.port, metrics=metrics,
                                         **{"log_level": "info", **config_tables})
