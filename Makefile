@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # torch==2.13.0 is the CPU build (a plain `torch` can pull a multi-GB CUDA build).
 DEV_INSTALL := -e '.[dev]' 'torch==2.13.0'
 
-.PHONY: demo test bench bench-daemon bench-fleet broker clean clean-cache test-arm64
+.PHONY: demo test bench bench-daemon bench-fleet reliability broker clean clean-cache test-arm64
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ bench-daemon: $(VENV)/.installed broker
 # How many simulated 50 Hz devices one core drives (needs mosquitto).
 bench-fleet: $(VENV)/.installed broker
 	$(PY) benchmarks/fleet_capacity.py
+
+# The long reliability runs of docs/reliability.md (about an hour in all; `make test` runs their quick modes).
+# Each writes its figures to benchmarks/results/reliability/<name>.json.
+RELIABILITY := soak fuzz_live flood crash_cycles network_faults
+reliability: $(VENV)/.installed broker
+	mkdir -p benchmarks/results/reliability
+	set -e; for script in $(RELIABILITY); do \
+		$(PY) reliability/$$script.py --json benchmarks/results/reliability/$$script.json; done
 
 # The daemon's tests start their own Mosquitto; install it where it is missing (Debian/Raspberry Pi OS).
 broker:

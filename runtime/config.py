@@ -68,6 +68,7 @@ class BrokerConfig:
     min_reconnect_interval: float = 1.0
     max_reconnect_interval: float = 30.0
     protocol: str = "3.1.1"
+    tls: bool = False  # TLS even without tls_ca or a client certificate: the system's CAs check the broker
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -247,6 +248,7 @@ def _parse_broker(t: _Table) -> BrokerConfig:
         min_reconnect_interval=min_reconnect,
         max_reconnect_interval=max_reconnect,
         protocol=t.string("protocol", "3.1.1", choices=("3.1.1", "5")),
+        tls=t.boolean("tls", False),
         tls_ca=t.existing_file("tls_ca"),
         tls_cert=tls_cert,
         tls_key=tls_key,

@@ -12,6 +12,14 @@ What it promises the rest of the daemon:
 - paho's network thread only converts each message to an `Inbound` and hands it to ``deliver``: no
   decoding, no inference there.
 
+Connection failures say why: paho only reports *that* an attempt failed. `_Client` keeps the error of
+each attempt (TCP, the TLS handshake, or a TLS alert read just after it: a broker that rejects our client
+certificate says so only after TLS 1.3's handshake), and `describe_failure` turns it, or a refusing
+CONNACK, into one sentence naming the cause and the option to check. ``startup_error_behavior = "error"``
+raises it as `ConnectError` at the first failure; ``"retry"`` logs it (``connect_failed``, at most once a
+minute per cause) and keeps trying. When TLS is configured every attempt uses it: there is no plain-text
+fallback. The password is handed to paho only: no message here ever contains it.
+
 Redeliveries: after a reconnect the broker resends every unacknowledged message with its original packet
 id and the DUP flag. A copy of a message this connection already received is dropped here (and acked
 again if the original was acked already), so a stream without ``seq`` numbers is not stepped twice.
@@ -32,9 +40,13 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edgernn.errors import EdgeRNNError
+from .connect_failures import ConnectError, describe_failure, tls_context, uses_tls
+from .logs import RateLimitedLog
 
 log = logging.getLogger(__name__)
+
+CONNECT_FAILED_LOG_INTERVAL = 60.0
+"""Seconds between two ``connect_failed`` lines for the same cause while the daemon keeps retrying."""
 
 SESSION_NEVER_EXPIRES = 0xFFFFFFFF
 """MQTT 5 session expiry interval meaning "keep the session until the client comes back"."""
@@ -44,10 +56,6 @@ def delivery_id(mid: int, topic: str, payload: bytes) -> int:
     """A QoS 1 message as the broker will deliver it again after a crash: its packet id (kept on
     redelivery, MQTT 3.1.1 section 4.4) and a CRC32 of topic and payload (stable across processes)."""
     return (mid << 32) | zlib.crc32(payload, zlib.crc32(topic.encode()))
-
-
-class ConnectError(EdgeRNNError, ConnectionError):
-    """The broker cannot be reached or refused the connection (wrong address, credentials or TLS)."""
 
 
 @dataclass(slots=True)
@@ -114,6 +122,31 @@ class _Redeliveries:
                 self._seen[mid] = (seen[0], self._connection)
 
 
+# ---- why a connection attempt failed -----------------------------------------------------------------
+class _Client(paho.Client):
+    """paho's client, keeping the error of the current connection attempt: paho catches it and calls
+    ``on_connect_fail`` (or ``on_disconnect``) without it."""
+
+    failure: OSError | None = None
+    stage = "tcp"  # how far the current attempt got: "tcp", "tls" (handshake), "mqtt" (CONNECT sent)
+    reported = False  # the attempt's outcome (CONNACK or failure) was handled
+
+    def reconnect(self) -> MQTTErrorCode:
+        self.failure, self.stage, self.reported = None, "tcp", False
+        try:
+            result = super().reconnect()
+        except OSError as error:
+            self.note_failure(error)
+            raise
+        self.stage = "mqtt"
+        return result
+
+    def note_failure(self, error: OSError) -> None:
+        # The first error, unless a TLS alert comes after it: the alert says why the connection was reset.
+        if self.failure is None or (isinstance(error, ssl.SSLError) and not isinstance(self.failure, ssl.SSLError)):
+            self.failure = error
+
+
 class MqttLink:
     """Connects, subscribes, receives into ``deliver``, publishes with completion callbacks, acks.
 
@@ -132,8 +165,11 @@ class MqttLink:
         self._on_connection = on_connection or (lambda connected: None)
         self.connected = threading.Event()
         self.session_present = False  # whether the broker resumed our session at the last connect
-        self._first_result: list = []  # the first CONNACK's reason code, for startup_error_behavior = "error"
-        self._first_connack = threading.Event()
+        self._first_failure: list[str] = []  # why the first attempt failed, for startup_error_behavior = "error"
+        self._first_outcome = threading.Event()  # the first attempt connected or failed
+        self.failed_attempts = 0  # since the last successful connect
+        self._stopping = False
+        self._failure_log = RateLimitedLog(log, CONNECT_FAILED_LOG_INTERVAL)
         self._redeliveries = _Redeliveries()
         self._publish_lock = threading.Lock()
         self._on_done: dict[int, Callable[[], None] | None] = {}
@@ -145,19 +181,18 @@ class MqttLink:
     def _make_client(self) -> paho.Client:
         broker = self.broker
         v5 = broker.protocol == "5"
-        client = paho.Client(
+        client = _Client(
             CallbackAPIVersion.VERSION2, client_id=broker.client_id,
             clean_session=None if v5 else not broker.persistent_session,
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
             manual_ack=True)
         if broker.username is not None:
             client.username_pw_set(broker.username, broker.password)
-        if broker.tls_ca or broker.tls_cert:
-            client.tls_set(ca_certs=str(broker.tls_ca) if broker.tls_ca else None,
-                           certfile=str(broker.tls_cert) if broker.tls_cert else None,
-                           keyfile=str(broker.tls_key) if broker.tls_key else None,
-                           cert_reqs=ssl.CERT_NONE if broker.insecure_skip_verify else ssl.CERT_REQUIRED)
-            client.tls_insecure_set(broker.insecure_skip_verify)
+        if uses_tls(broker):
+            client.tls_set_context(tls_context(broker, client))
+            if broker.insecure_skip_verify:
+                log.warning("insecure_skip_verify = true: the broker's TLS certificate is not checked",
+                            extra={"event": "tls_insecure"})
         client.will_set(broker.status_topic, b"offline", qos=1, retain=True)
         client.reconnect_delay_set(max(1, round(broker.min_reconnect_interval)),
                                    max(1, round(broker.max_reconnect_interval)))
@@ -168,6 +203,7 @@ class MqttLink:
         client.max_queued_messages_set(0)  # unbounded: the scheduler bounds what it publishes
         client.connect_timeout = broker.connection_timeout
         client.on_connect = self._handle_connect
+        client.on_connect_fail = self._handle_connect_fail
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
@@ -189,18 +225,18 @@ class MqttLink:
                                   clean_start=clean_start, properties=properties)
         self.client.loop_start()
         if broker.startup_error_behavior == "error":
-            if not self._first_connack.wait(broker.connection_timeout):
+            # Connected, or failed for a reason given at once; the timeout covers a broker that never answers.
+            if not self._first_outcome.wait(broker.connection_timeout + 1):
                 self.stop(publish_offline=False)
-                raise ConnectError(f"cannot connect to the MQTT broker at {broker.host}:{broker.port} "
-                                   f"within {broker.connection_timeout:g} s")
-            reason = self._first_result[0]
-            if reason.is_failure:
+                raise ConnectError(f"cannot connect to the MQTT broker at {broker.host}:{broker.port}: no answer "
+                                   f"within connection_timeout = {broker.connection_timeout:g} s")
+            if self._first_failure:
                 self.stop(publish_offline=False)
-                raise ConnectError(f"the MQTT broker at {broker.host}:{broker.port} refused the connection: "
-                                   f"{reason}")
+                raise ConnectError(self._first_failure[0])
 
     def stop(self, publish_offline: bool = True, timeout: float = 5.0) -> None:
         """Say ``offline`` (retained), disconnect cleanly and stop the network thread."""
+        self._stopping = True
         if publish_offline and self.connected.is_set():
             sent = threading.Event()
             self.publish(self.broker.status_topic, b"offline", qos=1, retain=True, on_done=sent.set)
@@ -210,19 +246,36 @@ class MqttLink:
         self.connected.clear()
 
     # ---- paho callbacks (network thread) ---------------------------------------------------------
-    def _handle_connect(self, client, userdata, flags, reason_code, properties):
-        if not self._first_connack.is_set():
-            self._first_result.append(reason_code)
-            self._first_connack.set()
-        if reason_code.is_failure:
-            log.error("MQTT broker %s:%d refused the connection: %s", self.broker.host, self.broker.port,
-                      reason_code, extra={"event": "connect_refused"})
+    def _failed(self, message: str) -> None:
+        """An attempt failed: with "error", the first one is start()'s `ConnectError`; any other is logged
+        (once per `CONNECT_FAILED_LOG_INTERVAL` per cause) while paho retries."""
+        self.client.reported = True
+        self.failed_attempts += 1
+        if self.broker.startup_error_behavior == "error" and not self._first_outcome.is_set():
+            self._first_failure.append(message)
+            self._first_outcome.set()
             return
+        self._first_outcome.set()
+        self._failure_log.warning(("connect_failed", message), "%s; retrying", message, event="connect_failed",
+                                  failed_attempts=self.failed_attempts)
+
+    def _handle_connect_fail(self, client, userdata):
+        """The TCP connection or the TLS handshake failed (paho retries after the reconnect delay)."""
+        self._failed(describe_failure(self.broker, client.failure, client.stage))
+
+    def _handle_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            self._failed(describe_failure(self.broker, reason=reason_code))
+            return
+        client.reported = True
+        self._first_outcome.set()
         self._redeliveries.connected()
         self.session_present = bool(flags.session_present)
         log.info("connected to %s:%d as %r (session %s)", self.broker.host, self.broker.port,
                  self.broker.client_id, "resumed" if flags.session_present else "new",
-                 extra={"event": "connected", "session_present": bool(flags.session_present)})
+                 extra={"event": "connected", "session_present": bool(flags.session_present),
+                        "failed_attempts": self.failed_attempts})
+        self.failed_attempts = 0
         if self.subscriptions:
             client.subscribe(self.subscriptions)
         self.connected.set()
@@ -233,6 +286,10 @@ class MqttLink:
         was_connected = self.connected.is_set()
         self.connected.clear()
         self._forget_qos0()
+        if not was_connected and not client.reported and not self._stopping:
+            # Closed before any CONNACK: after a TLS alert (our client certificate rejected), or by a broker
+            # that does not speak MQTT on that port.
+            self._failed(describe_failure(self.broker, client.failure, client.stage))
         if was_connected:
             log.warning("disconnected from %s:%d (%s); reconnecting", self.broker.host, self.broker.port,
                         reason_code, extra={"event": "disconnected"})
