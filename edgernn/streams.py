@@ -11,14 +11,15 @@ the time a stream was last seen) held in one 1-D array per column, indexed by sl
 They live and die with the slot: a new, reset, dropped or evicted stream's columns are back at their
 defaults, and they travel in snapshots.
 
-Snapshots (`StreamTable.snapshot` / `restore`) are safetensors files. Version 2 (written now):
+Snapshots (`StreamTable.snapshot` / `restore`) are safetensors files. Version 3 (written now):
 tensors ``states`` (n, state_size) and ``column.<name>`` (n,) for each declared column, rows in
 least- to most-recently-used order; metadata ``format`` = ``"edgernn-snapshot"``, ``format_version``,
 ``keys`` (JSON list), ``model`` (`format.model_fingerprint`, so a snapshot is refused for a different
 model), ``state_shapes`` (JSON, `ModelSpec.state_shapes`: a retrained model of the same shapes may take
 the states over, when the caller accepts it), ``extra`` (JSON object of the caller's strings, e.g. the
-journal generation that follows the snapshot) and ``checksum`` (over the keys, ``extra``, the shapes and
-every tensor). Version 1 (still read) had
+journal generation that follows the snapshot) and ``checksum`` (over the keys, ``extra``, the shapes, the
+model fingerprint and every tensor). Version 2 (still read) is the same with a checksum that left out the
+fingerprint, so a damaged fingerprint read as "another model". Version 1 (still read) had
 ``states`` only and no ``extra``: its streams restore with default columns.
 """
 
@@ -42,7 +43,7 @@ from .plan import aligned_zeros
 log = logging.getLogger(__name__)
 
 SNAPSHOT_FORMAT = "edgernn-snapshot"
-SNAPSHOT_VERSION = "2"
+SNAPSHOT_VERSION = "3"
 COLUMN_PREFIX = "column."
 """Snapshot tensor name of column ``c``: ``column.c``."""
 
@@ -265,7 +266,8 @@ class StreamTable:
             "model": self.fingerprint(),
             "state_shapes": _shapes_json(self.model),
             "extra": extra_json,
-            "checksum": tensor_checksum(tensors, _checksum_prefix_v2(keys_json, extra_json, _shapes_json(self.model))),
+            "checksum": tensor_checksum(tensors, _checksum_prefix_v3(keys_json, extra_json, _shapes_json(self.model),
+                                                                     self.fingerprint())),
         }
         atomic_write_bytes(path, safetensors.numpy.save(tensors, metadata=metadata))
 
@@ -350,6 +352,10 @@ def _checksum_prefix_v2(keys_json: str, extra_json: str, shapes_json: str) -> by
     return b"\0".join((keys_json.encode(), extra_json.encode(), shapes_json.encode()))
 
 
+def _checksum_prefix_v3(keys_json: str, extra_json: str, shapes_json: str, model_fingerprint: str) -> bytes:
+    return _checksum_prefix_v2(keys_json, extra_json, shapes_json) + b"\0" + model_fingerprint.encode()
+
+
 def _shapes_json(model) -> str:
     return json.dumps([list(shape) for shape in model.spec.state_shapes])
 
@@ -398,10 +404,18 @@ def _read_snapshot_v1(table: StreamTable, path, metadata: dict, tensors: dict, a
     return keys, _check_states(path, tensors, table, len(keys)), {}, {}
 
 
-def _read_snapshot_v2(table: StreamTable, path, metadata: dict, tensors: dict, accept_model_change: bool = False):
+def _read_snapshot_v3(table: StreamTable, path, metadata: dict, tensors: dict, accept_model_change: bool = False):
+    return _read_snapshot_v2(table, path, metadata, tensors, accept_model_change, _checksum_prefix_v3)
+
+
+def _read_snapshot_v2(table: StreamTable, path, metadata: dict, tensors: dict, accept_model_change: bool = False,
+                      checksum_prefix=None):
     _require(path, metadata, ("keys", "model", "extra", "state_shapes"))
-    verify_checksum(path, metadata, tensors,
-                    _checksum_prefix_v2(metadata["keys"], metadata["extra"], metadata["state_shapes"]))
+    if checksum_prefix is None:
+        prefix = _checksum_prefix_v2(metadata["keys"], metadata["extra"], metadata["state_shapes"])
+    else:
+        prefix = checksum_prefix(metadata["keys"], metadata["extra"], metadata["state_shapes"], metadata["model"])
+    verify_checksum(path, metadata, tensors, prefix)
     keys = _check_keys(path, metadata, table, accept_model_change)
     try:
         extra = json.loads(metadata["extra"])
@@ -429,4 +443,4 @@ def _read_snapshot_v2(table: StreamTable, path, metadata: dict, tensors: dict, a
     return keys, states, columns, extra
 
 
-_SNAPSHOT_READERS = {"1": _read_snapshot_v1, "2": _read_snapshot_v2}
+_SNAPSHOT_READERS = {"1": _read_snapshot_v1, "2": _read_snapshot_v2, "3": _read_snapshot_v3}

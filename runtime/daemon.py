@@ -59,6 +59,7 @@ class Daemon:
         self._worker = None
         self.metrics_address = None
         self._republish: list = []
+        self._final_snapshot = False  # whether the worker's last snapshot, at the stop, was written
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -113,7 +114,9 @@ class Daemon:
         self.metrics.stop()
         if clean:
             for pipeline in self.pipelines:
-                pipeline.store.close()
+                # Without its final snapshot the state files lack what was acked since the last one: the
+                # store keeps its "running" marker, and the next start says so (unclean_stop).
+                pipeline.store.close(clean=self._final_snapshot)
         log.info("stopped", extra={"event": "stopped", "clean": clean})
         self.notifier.close()
         return clean
@@ -155,7 +158,8 @@ class Daemon:
             if stats_every and now >= next_stats:
                 self._publish_stats()
                 next_stats = now + stats_every
-        if not self._snapshot(self.config.daemon.shutdown_timeout) and self.config.state.durability == "snapshot":
+        self._final_snapshot = self._snapshot(self.config.daemon.shutdown_timeout)
+        if not self._final_snapshot and self.config.state.durability == "snapshot":
             # Outputs confirmed from now on must not ack their inputs: the state on disk lacks them, so the
             # broker has to deliver them again after the restart.
             self.scheduler.acking = False

@@ -47,6 +47,7 @@ class PipelineMetrics:
         self.messages_out = metrics.messages_out.labels(name)
         self.duplicates = metrics.duplicates.labels(name)
         self.seq_gaps = metrics.seq_gaps.labels(name)
+        self.samples_missed = metrics.samples_missed.labels(name)
         self.evictions = metrics.evictions.labels(name)
         self.dead_letters = metrics.dead_letters.labels(name)
         self.journal_errors = metrics.journal_errors.labels(name)
@@ -100,6 +101,9 @@ class Metrics:
         self.rejected = counter("rejected", "Messages rejected before touching state", ["pipeline", "reason"])
         self.duplicates = counter("duplicates", "Redeliveries dropped by seq", ["pipeline"])
         self.seq_gaps = counter("seq_gaps", "Gaps seen in seq", ["pipeline"])
+        self.samples_missed = counter("samples_missed", "Samples missing from stream states: seq - last - 1 summed "
+                                      "over the gaps (lost on the way, or since the snapshot after a crash)",
+                                      ["pipeline"])
         self.resets = counter("resets", "Streams reset to the model's starting state", ["pipeline", "cause"])
         self.evictions = counter("evictions", "Streams evicted (least recently used) past max_streams", ["pipeline"])
         self.dead_letters = counter("dead_letters", "Rejected messages published to the dead-letter topic", ["pipeline"])
@@ -165,6 +169,7 @@ class Metrics:
         outputs = _by_label(self.messages_out, "pipeline")
         duplicates = _by_label(self.duplicates, "pipeline")
         gaps = _by_label(self.seq_gaps, "pipeline")
+        missed = _by_label(self.samples_missed, "pipeline")
         streams = _by_label(self.streams_live, "pipeline")
         rejected = _by_label(self.rejected, "pipeline")
         step_buckets = _buckets_by_label(self.step_seconds, "pipeline")
@@ -177,6 +182,7 @@ class Metrics:
                 "rejected": int(rejected.get(name, 0)),
                 "duplicates": int(duplicates.get(name, 0)),
                 "gaps": int(gaps.get(name, 0)),
+                "missed": int(missed.get(name, 0)),
                 "streams": int(streams.get(name, 0)),
                 "step_p50_s": _rounded(quantile_from_buckets(buckets, 0.5)),
                 "step_p99_s": _rounded(quantile_from_buckets(buckets, 0.99)),

@@ -12,6 +12,12 @@ Files in the state dir, for pipeline ``P``:
   journal that follows it; ``next_batch_no`` carries the batch numbering on.
 - ``P.journal.G``: append-only records (below): a header, then batch and done records.
 - ``P.lock``: held (``flock``) while a `StateStore` is open, so two daemons never share the files.
+- ``P.running``: written when a store starts serving (`StateStore.recover`), removed by a clean
+  ``close()`` (after the final snapshot). Found at the next start, it means the last run ended without
+  its final snapshot (``kill -9``, a power cut, a stop that timed out): with snapshots only, the states
+  go back to the snapshot and the samples acked since then are missing from them. That start logs
+  ``unclean_stop`` with the snapshot's age; each stream's next sample then shows the loss as a seq gap
+  (``edgernn_samples_missed_total``, `runtime.pipeline`). With the journal nothing is missing.
 
 Rotation (`StateStore.snapshot`): write the snapshot naming G+1, create journal G+1, delete journal
 G. A crash anywhere in between leaves snapshot G with journal G, or snapshot G+1 with journal G+1 or
@@ -28,7 +34,9 @@ Records: type byte, payload length (uint32 LE), payload, CRC32 (``zlib.crc32``) 
 - ``D`` done: batch_no (uint64).
 
 Reading stops at the first truncated or corrupt record: what came before it is kept, and the
-problem (file and byte offset) is reported, never raised.
+problem (file and byte offset) is reported, never raised. Everything discarded at a start -- a corrupt
+snapshot moved aside, a journal's damaged tail cut off, a foreign or empty journal, a temporary file of an
+interrupted write -- is logged as a warning with ``event = "state_discarded"`` and the ``file``.
 """
 
 from __future__ import annotations
@@ -96,6 +104,8 @@ class Recovery:
     undone: set[int] = field(default_factory=set)
     problems: list[str] = field(default_factory=list)
     next_batch_no: int = 0
+    unclean: bool = False  # the last run ended without a clean close (see ``P.running``)
+    snapshot_age: float | None = None  # seconds since the restored snapshot was written; None: none restored
 
 
 # ---- records ----------------------------------------------------------------------------------------
@@ -263,6 +273,7 @@ class StateStore:
         self.durability = durability
         self.fsync = fsync
         self.snapshot_path = self.directory / f"{pipeline}.snapshot"
+        self.running_path = self.directory / f"{pipeline}.running"
         name = re.escape(pipeline)  # exact patterns: "imu" never touches the files of "imu.journal"
         self._journal_name = re.compile(rf"{name}\.journal\.([0-9]+)")
         self._temp_name = re.compile(rf"\.{name}\.(snapshot|journal\.[0-9]+)\.[a-z0-9_]+\.tmp")
@@ -289,16 +300,20 @@ class StateStore:
         """Restore the snapshot into the empty ``table`` and read the journal that follows it.
 
         Steps nothing: the caller steps ``Recovery.replayed``. Every problem (a corrupt or foreign
-        snapshot, moved aside; a damaged or foreign journal) is logged and listed in ``problems``.
+        snapshot, moved aside; a damaged or foreign journal) is logged and listed in ``problems``. A
+        ``P.running`` left by the last run is reported (``unclean_stop``), and this run writes its own.
         """
         self._check_open()
         if self._header is not None:
             raise RuntimeError("recover: already called on this StateStore")
         if len(table):
             raise ValueError("recover: the table must be empty (the snapshot and journal replace its streams)")
-        problems: list[str] = []
+        problems: list[tuple[Path, str]] = []  # (file, what was wrong and what was done)
+        unclean = self.running_path.exists()
         self._remove_temp_files()
+        snapshot_written = self.snapshot_path.stat().st_mtime if self.snapshot_path.exists() else None
         base_known = self._restore_snapshot(table, problems)
+        snapshot_age = max(0.0, time.time() - snapshot_written) if base_known and snapshot_written else None
         self._header = {"format": JOURNAL_FORMAT, "version": JOURNAL_VERSION, "pipeline": self.pipeline,
                         "generation": self.generation, "input_size": int(table.model.input_size),
                         "model": table.fingerprint()}
@@ -306,9 +321,10 @@ class StateStore:
         path = self.journal_path
         if base_known and path.exists():
             journal = read_journal(path, self._header)
-            problems.extend(journal.problems)
-        for problem in problems:
-            log.warning("%s", problem)
+            problems.extend((path, problem) for problem in journal.problems)
+        for file, problem in problems:
+            log.warning("%s", problem, extra={"event": "state_discarded", "pipeline": self.pipeline,
+                                               "file": str(file)})
         if base_known:
             self._delete_stale_journals(self.generation, f"the snapshot names generation {self.generation}")
         else:
@@ -321,9 +337,28 @@ class StateStore:
         self._next_batch_no = max([self._next_batch_no] + [no + 1 for no in batch_nos])
         log.info("pipeline %s: restored %d streams (generation %d); %d journal batches to replay, %d never "
                  "marked done", self.pipeline, len(table), self.generation, len(batch_nos), len(undone))
-        return Recovery(len(table), journal.batches, undone, problems, self._next_batch_no)
+        if unclean:
+            self._report_unclean_stop(snapshot_age, len(batch_nos))
+        atomic_write_bytes(self.running_path, json.dumps({"pid": os.getpid(), "started": time.time()}).encode())
+        return Recovery(len(table), journal.batches, undone, [problem for _, problem in problems],
+                        self._next_batch_no, unclean, snapshot_age)
 
-    def _restore_snapshot(self, table, problems: list[str]) -> bool:
+    def _report_unclean_stop(self, snapshot_age: float | None, replayed: int) -> None:
+        """The last run ended without its final snapshot: say what that costs (``P.running``)."""
+        since = "no snapshot" if snapshot_age is None else f"the snapshot of {snapshot_age:.1f} s ago"
+        if self.durability == "journal":
+            consequence = f"states restored from {since} and {replayed} journalled batches replayed: nothing lost"
+        elif snapshot_age is None:
+            consequence = "no snapshot to restore: every stream starts from the rest state, its samples are missing"
+        else:
+            consequence = (f"states restored from {since}; messages acked since then are missing from them "
+                           "(counted per stream at its next message, edgernn_samples_missed_total)")
+        log.warning("pipeline %s: unclean stop (the last run ended without its final snapshot): %s",
+                    self.pipeline, consequence,
+                    extra={"event": "unclean_stop", "pipeline": self.pipeline, "durability": self.durability,
+                           "snapshot_age_s": None if snapshot_age is None else round(snapshot_age, 3)})
+
+    def _restore_snapshot(self, table, problems: list[tuple[Path, str]]) -> bool:
         """Whether the state we start from is one a journal can follow (False: a snapshot was unusable)."""
         if not self.snapshot_path.exists():
             self.generation = 0
@@ -336,7 +371,7 @@ class StateStore:
         except FormatError as exc:
             table.clear()
             aside = _move_aside(self.snapshot_path, "corrupt")
-            problems.append(f"{exc}: moved aside to {aside.name}; starting with no streams")
+            problems.append((self.snapshot_path, f"{exc}: moved aside to {aside.name}; starting with no streams"))
             self.generation = self._next_batch_no = 0
             return False
 
@@ -345,7 +380,8 @@ class StateStore:
         if not journal.usable:
             if path.exists() and path.stat().st_size:
                 aside = _move_aside(path, "ignored")
-                log.warning("%s: not continued; kept as %s, a new journal starts", path, aside.name)
+                log.warning("%s: not continued; kept as %s, a new journal starts", path, aside.name,
+                            extra={"event": "state_discarded", "pipeline": self.pipeline, "file": str(path)})
             self._start_journal()
             return
         self._journal_fd = os.open(path, os.O_WRONLY | os.O_APPEND | _OPEN_BINARY)
@@ -353,7 +389,8 @@ class StateStore:
         if journal.good_end < os.fstat(self._journal_fd).st_size:
             aside = _copy_aside(path, "corrupt")
             log.warning("%s: cutting the journal after byte %d (the whole file is kept as %s)",
-                        path, journal.good_end, aside.name)
+                        path, journal.good_end, aside.name,
+                        extra={"event": "state_discarded", "pipeline": self.pipeline, "file": str(path)})
             os.ftruncate(self._journal_fd, journal.good_end)
             if self.fsync:
                 os.fsync(self._journal_fd)
@@ -457,10 +494,12 @@ class StateStore:
                 path.unlink(missing_ok=True)
 
     def _remove_temp_files(self) -> None:
-        """Temporary files a crash left behind in `atomic_write_bytes`."""
-        for path in self.directory.iterdir():
+        """Temporary files a crash left behind in `atomic_write_bytes`: discarded, not a problem (the file
+        they were to replace is still whole)."""
+        for path in sorted(self.directory.iterdir()):
             if self._temp_name.fullmatch(path.name):
-                log.info("removing %s, left by an interrupted write", path)
+                log.warning("%s: left by an interrupted write (%d bytes): removed", path, path.stat().st_size,
+                            extra={"event": "state_discarded", "pipeline": self.pipeline, "file": str(path)})
                 path.unlink(missing_ok=True)
 
     def _check_open(self) -> None:
@@ -477,12 +516,17 @@ class StateStore:
             os.close(self._journal_fd)
             self._journal_fd = None
 
-    def close(self) -> None:
-        """Close the journal and release the lock (writes nothing: snapshot first for a clean stop)."""
+    def close(self, clean: bool = True) -> None:
+        """Close the journal and release the lock (writes nothing: snapshot first for a clean stop).
+
+        ``clean``: the final snapshot was written, so ``P.running`` goes; False keeps it, and the next start
+        reports an unclean stop."""
         if self._closed:
             return
         self._closed = True
         self._close_journal()
+        if clean and self._header is not None:  # only a store that started serving wrote the marker
+            self.running_path.unlink(missing_ok=True)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

@@ -6,7 +6,9 @@ The pipeline owns its model, backend, state table (one row per stream key, with 
 Sequence numbers (when payloads carry ``seq``), per stream:
 
 - ``seq <= last`` is a duplicate (a redelivery or a device resending): dropped, the state untouched;
-- ``seq > last + 1`` is a gap: counted, and with ``seq_gap = "reset"`` the stream restarts from the
+- ``seq > last + 1`` is a gap: counted (``edgernn_seq_gaps_total``, and its ``seq - last - 1`` missing
+  samples in ``edgernn_samples_missed_total``: lost on the way, or acked since the snapshot a crash went
+  back to, see `runtime.persistence`), and with ``seq_gap = "reset"`` the stream restarts from the
   model's rest state before this sample;
 - ``seq`` at least `SEQ_RESTART_DISTANCE` below the last is a device that restarted its counter: counted
   with the gaps (and reset like a gap with ``"reset"``), not mistaken for thousands of duplicates. A
@@ -137,6 +139,8 @@ class Pipeline:
             self.metrics.duplicates.inc(int(duplicate.sum()))
         if gap.any() or restart.any():
             self.metrics.seq_gaps.inc(int(gap.sum() + restart.sum()))
+            if gap.any():  # a counter restart tells nothing of how many samples went missing
+                self.metrics.samples_missed.inc(int((seqs[gap] - last[gap] - 1).sum()))
             if self.config.seq_gap == "reset":
                 reset = gap | restart
                 self.model.reset(table.states, slots[reset])

@@ -168,6 +168,7 @@ def test_a_seq_gap_resets_the_stream_when_configured(tmp_path, broker, model):
         np.testing.assert_allclose([got[s] for s in (0, 1, 2)], offline(model, 0, [0, 1, 2]), atol=ATOL)
         np.testing.assert_allclose([got[s] for s in (7, 8)], offline(model, 0, [7, 8]), atol=ATOL)  # fresh state
         assert daemon.metrics.pipeline("imu").seq_gaps._value.get() == 1
+        assert daemon.metrics.pipeline("imu").samples_missed._value.get() == 4  # seqs 3..6
     finally:
         sender.close(), collector.close(), daemon.stop()
 
@@ -657,6 +658,7 @@ def test_a_seq_counter_restart_is_followed_and_a_near_lower_seq_is_a_duplicate(t
         metrics = daemon.metrics.pipeline("imu")
         assert metrics.duplicates._value.get() == 1
         assert metrics.seq_gaps._value.get() == 1
+        assert metrics.samples_missed._value.get() == 0  # a counter restart says nothing of samples missing
         assert metrics.resets("gap")._value.get() == (1 if seq_gap == "reset" else 0)
     finally:
         sender.close(), collector.close(), daemon.stop()

@@ -50,7 +50,8 @@ def test_batch_buckets_are_powers_of_two_to_4096():
 def test_every_labelled_series_exists_at_zero(metrics):
     found = samples(metrics)
     for pipeline in ("imu", "temp"):
-        for name in ("messages_in", "messages_out", "duplicates", "seq_gaps", "evictions", "dead_letters"):
+        for name in ("messages_in", "messages_out", "duplicates", "seq_gaps", "samples_missed", "evictions",
+                     "dead_letters"):
             assert found[f"edgernn_{name}_total", (("pipeline", pipeline),)] == 0
         assert found["edgernn_streams_live", (("pipeline", pipeline),)] == 0
         assert found["edgernn_step_seconds_count", (("pipeline", pipeline),)] == 0
@@ -163,13 +164,14 @@ def test_stats_summarises_counts_and_is_json(metrics):
     imu.rejected("non_finite").inc()
     imu.duplicates.inc()
     imu.seq_gaps.inc(4)
+    imu.samples_missed.inc(9)
     imu.streams_live.set(3)
     metrics.queue_depth.set(5)
     metrics.queue_dropped.inc()
     metrics.connected.set(1)
     metrics.latency_seconds.observe(0.002)
     stats = json.loads(json.dumps(metrics.stats()))
-    assert stats["pipelines"]["imu"] == {"in": 10, "out": 7, "rejected": 3, "duplicates": 1, "gaps": 4,
+    assert stats["pipelines"]["imu"] == {"in": 10, "out": 7, "rejected": 3, "duplicates": 1, "gaps": 4, "missed": 9,
                                          "streams": 3, "step_p50_s": None, "step_p99_s": None}
     assert stats["pipelines"]["temp"]["in"] == 0
     assert stats["queue_depth"] == 5 and stats["queue_dropped"] == 1 and stats["connected"] is True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections import defaultdict
 
 import numpy as np
@@ -110,7 +111,7 @@ def test_first_start_is_empty(model, tmp_path):
     store, table, recovery = restart(tmp_path / "new" / "dir", model)
     assert (recovery.restored_streams, recovery.replayed, recovery.undone, recovery.problems,
             recovery.next_batch_no) == (0, [], set(), [], 0)
-    assert names(tmp_path / "new" / "dir") == ["imu.journal.0", "imu.lock"]
+    assert names(tmp_path / "new" / "dir") == ["imu.journal.0", "imu.lock", "imu.running"]
     store.close()
 
 
@@ -118,11 +119,43 @@ def test_snapshot_round_trip_without_journal(model, tmp_path):
     store, table, _ = restart(tmp_path, model, durability="snapshot")
     process(store, table, make_batches(5), 0)
     store.snapshot(table)
-    assert names(tmp_path) == ["imu.lock", "imu.snapshot"]  # append_batch / mark_done wrote nothing
+    assert names(tmp_path) == ["imu.lock", "imu.running", "imu.snapshot"]  # append_batch / mark_done wrote nothing
     store.close()
     store, restored, recovery = restart(tmp_path, model, durability="snapshot")
     assert recovery.restored_streams == len(table) and recovery.replayed == [] and recovery.problems == []
     assert_same_tables(table, restored)
+    store.close()
+
+
+def test_an_unclean_stop_is_reported_with_the_snapshots_age(model, tmp_path, caplog):
+    """``imu.running`` lives from recover to a clean close: found at a start, the last run ended without its
+    final snapshot, and the start says how old the snapshot the states go back to is."""
+    store, table, recovery = restart(tmp_path, model, durability="snapshot")
+    assert not recovery.unclean and recovery.snapshot_age is None
+    process(store, table, make_batches(3), 0)
+    store.snapshot(table)
+    store.close()  # clean: the marker goes
+    assert "imu.running" not in names(tmp_path)
+    store, table, recovery = restart(tmp_path, model, durability="snapshot")
+    assert not recovery.unclean and 0 <= recovery.snapshot_age < 60
+    os.utime(tmp_path / "imu.snapshot", (time.time() - 42, time.time() - 42))
+    store.close(clean=False)  # as kill -9 leaves it
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="edgernn.runtime.persistence"):
+        store, table, recovery = restart(tmp_path, model, durability="snapshot")
+    assert recovery.unclean and 42 <= recovery.snapshot_age < 60
+    [record] = [r for r in caplog.records if getattr(r, "event", None) == "unclean_stop"]
+    assert "snapshot of 4" in record.getMessage() and "missing" in record.getMessage()
+    assert record.durability == "snapshot" and 42 <= record.snapshot_age_s < 60
+    store.close(clean=False)
+    StateStore(tmp_path, "imu").close()  # a store that never recovered leaves the marker where it is
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="edgernn.runtime.persistence"):
+        store, _, recovery = restart(tmp_path, model)  # with the journal nothing is lost, and it says so
+    assert recovery.unclean and "nothing lost" in caplog.records[-1].getMessage()
+    store.close()
+    store, _, recovery = restart(tmp_path, model)
+    assert not recovery.unclean
     store.close()
 
 
@@ -280,10 +313,10 @@ def test_snapshot_rotates_the_journal(model, tmp_path):
     next_no = process(store, table, batches[:3], 0)
     store.snapshot(table)
     assert store.generation == 1
-    assert names(tmp_path) == ["imu.journal.1", "imu.lock", "imu.snapshot"]
+    assert names(tmp_path) == ["imu.journal.1", "imu.lock", "imu.running", "imu.snapshot"]
     next_no = process(store, table, batches[3:6], next_no)
     store.snapshot(table)
-    assert names(tmp_path) == ["imu.journal.2", "imu.lock", "imu.snapshot"]
+    assert names(tmp_path) == ["imu.journal.2", "imu.lock", "imu.running", "imu.snapshot"]
     assert StreamTable(model).restore(tmp_path / "imu.snapshot") == {
         "journal_generation": "2", "next_batch_no": "6", "pipeline": "imu"}
     process(store, table, batches[6:], next_no)
@@ -306,7 +339,7 @@ def test_crash_between_snapshot_and_new_journal(model, tmp_path):
     store, restored, recovery = restart(tmp_path, model)
     assert recovery.replayed == [] and recovery.problems == [] and recovery.next_batch_no == 4
     assert_same_tables(table, restored)
-    assert names(tmp_path) == ["imu.journal.1", "imu.lock", "imu.snapshot"]
+    assert names(tmp_path) == ["imu.journal.1", "imu.lock", "imu.running", "imu.snapshot"]
     store.close()
 
 
@@ -323,7 +356,7 @@ def test_crash_before_the_old_journal_is_deleted(model, tmp_path):
     store, _, recovery = restart(tmp_path, model)
     assert recovery.problems == []
     assert_batches_equal(recovery.replayed, batches[3:], first_no=3)
-    assert names(tmp_path) == ["imu.journal.1", "imu.lock", "imu.snapshot"]
+    assert names(tmp_path) == ["imu.journal.1", "imu.lock", "imu.running", "imu.snapshot"]
     store.close()
 
 
@@ -348,7 +381,7 @@ def test_snapshot_durability_replays_a_journal_left_by_journal_durability(model,
     assert_batches_equal(recovery.replayed, batches)
     replay(restored, recovery)
     store.snapshot(restored)
-    assert names(tmp_path) == ["imu.lock", "imu.snapshot"]
+    assert names(tmp_path) == ["imu.lock", "imu.running", "imu.snapshot"]
     store.close()
 
 
@@ -368,7 +401,7 @@ def test_corrupt_snapshot_is_moved_aside(model, tmp_path):
     assert len(recovery.problems) == 1 and "checksum mismatch" in recovery.problems[0]
     aside = [name for name in names(tmp_path) if name.startswith("imu.snapshot.corrupt-")]
     assert len(aside) == 1 and (tmp_path / aside[0]).read_bytes() == bytes(data)
-    assert names(tmp_path) == sorted(aside + ["imu.journal.0", "imu.lock"])
+    assert names(tmp_path) == sorted(aside + ["imu.journal.0", "imu.lock", "imu.running"])
     store.close()
 
 

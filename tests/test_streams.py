@@ -565,8 +565,8 @@ def test_column_of_another_length_is_refused(model, tmp_path):
     slots = table.peek_slots(table.keys())
     tensors = {"states": table.states[slots], "column.seq": table.columns["seq"][slots][:-1]}
     shapes = json.dumps([list(shape) for shape in model.spec.state_shapes])
-    prefix = keys_json.encode() + b"\0{}\0" + shapes.encode()
-    metadata = {"format": "edgernn-snapshot", "format_version": "2", "keys": keys_json, "model": table.fingerprint(),
+    prefix = keys_json.encode() + b"\0{}\0" + shapes.encode() + b"\0" + table.fingerprint().encode()
+    metadata = {"format": "edgernn-snapshot", "format_version": "3", "keys": keys_json, "model": table.fingerprint(),
                 "state_shapes": shapes, "extra": "{}", "checksum": tensor_checksum(tensors, prefix)}
     path = tmp_path / "s.snap"
     path.write_bytes(safetensors.numpy.save(tensors, metadata=metadata))
@@ -618,11 +618,43 @@ def test_version_1_snapshot_still_restores(model, tmp_path):
     assert_restore_refused(restored, path, "checksum mismatch")
 
 
-def test_snapshots_are_written_as_version_2(model, tmp_path):
+def test_version_2_snapshot_still_restores(model, tmp_path):
+    """Version 2: as version 3, with a checksum that leaves out the model fingerprint."""
+    table = busy_column_table(model)
+    keys_json = json.dumps(table.keys())
+    slots = table.peek_slots(table.keys())
+    tensors = {"states": table.states[slots], **{f"column.{name}": table.columns[name][slots] for name in table.columns}}
+    shapes = json.dumps([list(shape) for shape in model.spec.state_shapes])
+    metadata = {"format": "edgernn-snapshot", "format_version": "2", "keys": keys_json, "model": table.fingerprint(),
+                "state_shapes": shapes, "extra": "{}",
+                "checksum": tensor_checksum(tensors, keys_json.encode() + b"\0{}\0" + shapes.encode())}
+    path = tmp_path / "v2.snap"
+    path.write_bytes(safetensors.numpy.save(tensors, metadata=metadata))
+    restored = column_table(model)
+    restored.restore(path)
+    assert restored.keys() == table.keys()
+    for key in table.keys():
+        assert restored.state_of(key).tobytes() == table.state_of(key).tobytes()
+
+
+def test_a_damaged_model_fingerprint_is_a_checksum_mismatch(model, tmp_path):
+    """Not "a snapshot of another model": the fingerprint is covered by the checksum since version 3."""
+    path = tmp_path / "s.snap"
+    table = busy_table(model)
+    table.snapshot(path)
+    fingerprint = table.fingerprint().encode()
+    data = path.read_bytes()
+    assert data.count(fingerprint) == 1
+    damaged = fingerprint[:-1] + (b"0" if fingerprint[-1:] != b"0" else b"1")
+    path.write_bytes(data.replace(fingerprint, damaged))
+    assert_restore_refused(busy_table(model, 3), path, "checksum mismatch")
+
+
+def test_snapshots_are_written_as_version_3(model, tmp_path):
     path = tmp_path / "s.snap"
     busy_column_table(model).snapshot(path)
     with safetensors.safe_open(path, "numpy") as file:
-        assert file.metadata()["format_version"] == "2"
+        assert file.metadata()["format_version"] == "3"
         assert sorted(file.keys()) == ["column.flagged", "column.last_seen", "column.seq", "states"]
 
 
