@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 import edgernn
+from edgernn.local_broker import die_with_parent
 from edgernn.runtime.config import load_config
 from edgernn.runtime.daemon import Daemon
 
@@ -82,8 +83,9 @@ class DaemonProcess:
     def start(self, status_client=None) -> "DaemonProcess":
         env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
         self._log = open(self.log_path, "ab")
+        # It dies with the test (or script) that started it, even one killed by a timeout: no daemon left behind.
         self.process = subprocess.Popen([sys.executable, "-m", "edgernn", "serve", "--config", str(self.config_path)],
-                                        stdout=self._log, stderr=subprocess.STDOUT, env=env)
+                                        stdout=self._log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # ready when its log says it serves
             if self.process.poll() is not None:
