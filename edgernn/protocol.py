@@ -29,6 +29,23 @@ predictions live; the daemon ignores it."""
 MAX_TOPIC_BYTES = 65535
 """MQTT strings carry a 16-bit length: a topic or filter is at most this many UTF-8 bytes."""
 
+_REFUSED_IN_TOPICS = re.compile("[\\x00-\\x1f\\x7f-\\x9f\\ufdd0-\\ufdef"
+                                + "".join(f"\\U{plane:04x}fffe\\U{plane:04x}ffff" for plane in range(17)) + "]")
+"""Control characters (C0, DEL, C1) and Unicode noncharacters: MQTT 3.1.1 section 1.5.3 says a topic should
+not contain them and lets the receiver close the connection, which Mosquitto 2.0 does."""
+
+
+def refused_in_topics(text: str) -> str | None:
+    """The first character of ``text`` that MQTT brokers may refuse in a topic (`_REFUSED_IN_TOPICS`), or None.
+
+    A stream key from a payload field holding one made the daemon's prediction topic fail: Mosquitto closed the
+    connection, paho sent the prediction again after the reconnect, and so on for ever (reliability/fuzz_live.py).
+    Printable ASCII, the common case, costs one test."""
+    if text.isascii() and text.isprintable():
+        return None
+    found = _REFUSED_IN_TOPICS.search(text)
+    return None if found is None else found.group()
+
 
 def _check_topic_text(text: str, what: str) -> None:
     """The rules every MQTT topic string obeys: non-empty, valid UTF-8, no NUL, at most 65535 bytes."""

@@ -42,7 +42,7 @@ from proc import cpu_seconds, rss_bytes  # noqa: E402
 
 __all__ = ["ROOT", "Client", "Mosquitto", "DaemonProcess", "Rig", "cpu_seconds", "rss_bytes", "scrape",
            "metric", "percentiles", "arguments", "finish", "wait_until", "write_config", "write_model",
-           "StreamPublisher", "Collector", "StreamHistory", "explain", "publish_all"]
+           "StreamPublisher", "Collector", "StreamHistory", "explain", "publish_all", "log_events"]
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
 
@@ -339,3 +339,17 @@ def _confirmed(info, timeout: float) -> None:
     info.wait_for_publish(timeout)
     if not info.is_published():
         raise TimeoutError(f"the broker did not confirm message {info.mid} within {timeout:g} s (rc {info.rc})")
+
+
+def log_events(rig: Rig) -> dict[str, int]:
+    """Warning and error events in the daemon's log (``snapshot_skipped``, ``queue_dropped``, ...), counted."""
+    counts: dict[str, int] = {}
+    for line in (rig.folder / "daemon.log").read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("level") in ("warning", "error", "critical"):
+            event = record.get("event", record.get("msg", "")[:40])
+            counts[event] = counts.get(event, 0) + 1
+    return counts

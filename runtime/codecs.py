@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgernn.errors import InputError
-from edgernn.protocol import KEY_FIELD, SEQ_FIELD, TS_FIELD, X_FIELD, Y_FIELD
+from edgernn.protocol import KEY_FIELD, SEQ_FIELD, TS_FIELD, X_FIELD, Y_FIELD, refused_in_topics
 
 REJECT_REASONS = ("oversize", "not_utf8", "not_json", "not_object", "missing_field", "wrong_type",
                   "wrong_length", "not_finite", "bad_seq", "bad_ts", "bad_key", "bad_csv")
@@ -37,7 +37,7 @@ DEAD_LETTER_MAX_PAYLOAD = 4096
 
 _NUMBER_TYPES = frozenset((int, float))
 _JSON_SPACE = " \t\n\r"
-_KEY_FORBIDDEN = ("+", "#", "\0")  # a key ends up in a publish topic
+_KEY_FORBIDDEN = ("+", "#", "\0")  # a key ends up in a publish topic (and see `refused_in_topics`)
 
 
 class DecodeError(InputError):
@@ -103,6 +103,9 @@ def _check_key(key, name: str) -> str:
             key.encode("utf-8")
         except UnicodeEncodeError:
             raise DecodeError("bad_key", f"{name!r}: {key!r:.40} is not valid UTF-8") from None
+    refused = refused_in_topics(key)
+    if refused is not None:  # it ends up in a publish topic, which a broker may answer by closing the connection
+        raise DecodeError("bad_key", f"{name!r}: {key!r:.40} contains {refused!r}, which MQTT brokers refuse in topics")
     return key
 
 

@@ -40,6 +40,11 @@ TICK = 0.05
 """Longest the worker waits for a message before looking at its timers (seconds)."""
 
 
+PERIODIC_SNAPSHOT_WAIT = 2.0
+"""Seconds a periodic snapshot waits for the outputs in flight to be confirmed before it is skipped (and
+tried again at the next interval): under a flood the worker must not stall for the full shutdown_timeout."""
+
+
 class Daemon:
     def __init__(self, config):
         self.config = config
@@ -145,7 +150,7 @@ class Daemon:
             if self._reload.is_set() and self._reload_models():
                 self._reload.clear()
             if now >= next_snapshot:
-                self._snapshot()
+                self._snapshot(PERIODIC_SNAPSHOT_WAIT)
                 next_snapshot = time.monotonic() + snapshot_every
             if now >= next_idle:
                 expired = sum(pipeline.expire_idle() for pipeline in self.pipelines)

@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 CONNECT_FAILED_LOG_INTERVAL = 60.0
 """Seconds between two ``connect_failed`` lines for the same cause while the daemon keeps retrying."""
 
+READ_BURST = 64
+"""Packets the network thread reads before it writes what is waiting (see `_Client.loop_read`)."""
+
 SESSION_NEVER_EXPIRES = 0xFFFFFFFF
 """MQTT 5 session expiry interval meaning "keep the session until the client comes back"."""
 
@@ -140,6 +143,22 @@ class _Client(paho.Client):
             raise
         self.stage = "mqtt"
         return result
+
+    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        """At most `READ_BURST` packets per pass of the network loop, then the loop writes. paho reads as many
+        packets as it has messages in flight before it writes anything: under a flood of inputs that is
+        thousands, so the predictions waited unwritten (and unconfirmed, their inputs unacked) behind the
+        inputs, which made the next burst longer still, until paho ran out of packet ids (found by
+        reliability/flood.py speed: memory grew, then publishes failed)."""
+        for _ in range(READ_BURST):
+            if self._sock is None:
+                return MQTTErrorCode.MQTT_ERR_NO_CONN
+            rc = self._packet_read()
+            if rc > 0:
+                return self._loop_rc_handle(rc)
+            if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
+                break
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def note_failure(self, error: OSError) -> None:
         # The first error, unless a TLS alert comes after it: the alert says why the connection was reset.
@@ -339,7 +358,12 @@ class MqttLink:
         queued by paho and sent (QoS > 0: resent) after the reconnect."""
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            # paho refused it outright: no confirmation will ever come. Done now, or the input it answers (and,
+            # since acks leave in order, every later input) would never be acked.
             log.error("publish to %r failed: %s", topic, info.rc, extra={"event": "publish_failed"})
+            if on_done is not None:
+                on_done()
+            return
         if qos == 0:
             # Fire and forget is all QoS 0 promises, and paho drops unsent QoS 0 packets at a reconnect
             # without calling on_publish: done now. The mid is registered so its on_publish is ignored;

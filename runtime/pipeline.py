@@ -134,13 +134,13 @@ class Pipeline:
         known = (seqs != NO_SEQ) & (last != NO_SEQ)
         restart = known & (last - seqs >= SEQ_RESTART_DISTANCE)
         duplicate = known & (seqs <= last) & ~restart
-        gap = known & (seqs > last + 1)
+        gap = known & (seqs - 1 > last)  # not last + 1: a seq of 2**63 - 1 would overflow
         if duplicate.any():
             self.metrics.duplicates.inc(int(duplicate.sum()))
         if gap.any() or restart.any():
             self.metrics.seq_gaps.inc(int(gap.sum() + restart.sum()))
             if gap.any():  # a counter restart tells nothing of how many samples went missing
-                self.metrics.samples_missed.inc(int((seqs[gap] - last[gap] - 1).sum()))
+                self.metrics.samples_missed.inc(sum((seqs[gap] - last[gap] - 1).tolist()))  # Python ints: no overflow
             if self.config.seq_gap == "reset":
                 reset = gap | restart
                 self.model.reset(table.states, slots[reset])

@@ -9,13 +9,21 @@ One pass over a micro-batch (every message in arrival order):
    with one ``step_batch`` call per round (a stream with several messages in the batch gets one round
    per message, so its order is kept);
 3. publish each prediction; when the broker has every output of a message (and its dead letter), the
-   message is acked. Duplicates and rejected messages without a dead-letter topic are acked at once.
+   message is done. Duplicates and rejected messages without a dead-letter topic are done at once.
+
+Acks go out in the order the messages were received, each once it and every message before it are done
+(MQTT 3.1.1 section 4.6: PUBACKs in the order of the PUBLISHes). Acking each message as soon as it is done
+put a rejected or duplicate message's ack before those of valid messages received earlier, and Mosquitto,
+seeing acks out of order, then delivered later messages of a topic before earlier ones (its in-flight
+window is 20 unless ``max_inflight_messages 1``): a stream's later sample arrived first, so the earlier one
+counted as a duplicate by seq and was dropped -- samples lost (reliability/fuzz_live.py found it).
 
 Nothing here blocks on the network: completions arrive on paho's thread and only count down.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -44,6 +52,12 @@ class Inbox:
     the Receive Maximum the daemon sends; Mosquitto on 3.1.1: ``max_inflight_messages``, 20 by default)
     keeps unacked QoS 1 messages below the capacity, so the wait is the exception. Once `close` is
     called nothing waits: what arrives is left unacked for the broker to deliver again after the restart.
+    While `stretched` (the worker waits for the outputs in flight to be confirmed, before a snapshot), the
+    inbox takes up to twice its capacity: the network thread must keep reading, since the confirmations
+    come in the same connection as the inputs, or a full inbox under a flood would hold the snapshot until
+    its timeout. Past twice the capacity it waits again: memory stays bounded, and the snapshot is then
+    skipped (said) and tried again later (measured: a flood had pushed 18,000 messages into the
+    connection's receive buffer, more than any bound worth its memory).
     """
 
     def __init__(self, capacity: int, on_drop=None):
@@ -52,6 +66,18 @@ class Inbox:
         self._ready = threading.Condition()
         self._on_drop = on_drop or (lambda: None)
         self.closed = False
+        self._stretched = False
+
+    @contextlib.contextmanager
+    def stretched(self):
+        """QoS 1 messages do not wait for room meanwhile (class docstring)."""
+        with self._ready:
+            self._stretched = True
+            self._ready.notify_all()
+        try:
+            yield
+        finally:
+            self._stretched = False
 
     def close(self) -> None:
         with self._ready:
@@ -74,6 +100,8 @@ class Inbox:
                 if item.qos == 0:
                     self._on_drop()
                     return
+                if self._stretched and len(items) < 2 * self.capacity:
+                    break
                 self._ready.wait(0.1)
             if not self.closed:
                 items.append(item)
@@ -118,6 +146,8 @@ class Scheduler:
         self._idle = threading.Condition(self._lock)
         self._in_flight = 0  # messages whose outputs the broker has not all confirmed yet
         self._done_batches: deque = deque()  # (pipeline, batch_no) whose outputs are all confirmed
+        self._unacked: deque = deque()  # [inbound, done] of each QoS 1/2 message taken, in the order received
+        self._ack_lock = threading.Lock()  # held while acking: acks leave in that order, from any thread
         self._routes: dict[str, list] = {}  # topic -> [(pipeline, topic key)], a cache of routing
         self.acking = True  # cleared when a final snapshot failed: what it lacks must come back from the broker
 
@@ -133,9 +163,16 @@ class Scheduler:
         for completion in finished:
             completion.then()
 
-    def _message_done(self, inbound) -> None:
-        if self.acking:
-            self.link.ack(inbound)
+    def _message_done(self, entry: list) -> None:
+        """``entry`` ([inbound, done]) is done: ack it and the done messages after it, once every message
+        received before it is done too (module docstring)."""
+        with self._ack_lock:
+            entry[1] = True
+            unacked = self._unacked
+            while unacked and unacked[0][1]:
+                inbound = unacked.popleft()[0]
+                if self.acking:
+                    self.link.ack(inbound)
         self._settled()
 
     def _settled(self) -> None:
@@ -164,7 +201,7 @@ class Scheduler:
 
         ``tick()`` runs about once a second meanwhile (the daemon pings systemd's watchdog there)."""
         deadline = time.monotonic() + timeout
-        with self._lock:
+        with self.inbox.stretched(), self._lock:
             while self._in_flight:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -195,9 +232,12 @@ class Scheduler:
             self._in_flight += len(items)
         per_pipeline: dict = {}
         arrived: dict = {}
-        for inbound in items:
+        entries = [[inbound, False] for inbound in items]
+        with self._ack_lock:
+            self._unacked.extend(entry for entry in entries if entry[0].qos)
+        for inbound, entry in zip(items, entries):
             routes = self._route(inbound.topic)
-            message = _Completion(len(routes), lambda inbound=inbound: self._message_done(inbound))
+            message = _Completion(len(routes), lambda entry=entry: self._message_done(entry))
             if not routes:  # a retained or stray message outside every pipeline's subscription
                 message.remaining = 1
                 self._complete(message)
