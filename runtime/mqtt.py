@@ -187,6 +187,7 @@ class MqttLink:
         self._first_failure: list[str] = []  # why the first attempt failed, for startup_error_behavior = "error"
         self._first_outcome = threading.Event()  # the first attempt connected or failed
         self.failed_attempts = 0  # since the last successful connect
+        self.publish_failures = 0  # publishes paho refused (their predictions are lost)
         self._stopping = False
         self._failure_log = RateLimitedLog(log, CONNECT_FAILED_LOG_INTERVAL)
         self._redeliveries = _Redeliveries()
@@ -359,8 +360,12 @@ class MqttLink:
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             # paho refused it outright: no confirmation will ever come. Done now, or the input it answers (and,
-            # since acks leave in order, every later input) would never be acked.
-            log.error("publish to %r failed: %s", topic, info.rc, extra={"event": "publish_failed"})
+            # since acks leave in order, every later input) would never be acked: the prediction is lost, said
+            # (once a minute per reason). Seen when more than 65,535 predictions wait for their confirmations
+            # (packet ids run out): docs/reliability.md, "Known limits".
+            self.publish_failures += 1
+            self._failure_log.log(logging.ERROR, ("publish_failed", info.rc), "publish to %r failed: %s (%d so far)",
+                                  topic, info.rc, self.publish_failures, event="publish_failed")
             if on_done is not None:
                 on_done()
             return

@@ -50,7 +50,8 @@ class Inbox:
     room -- backpressure: the broker holds the rest, nothing is lost; a QoS 0 message is dropped and
     counted (``edgernn_queue_dropped_total``), as QoS 0 allows. The broker's in-flight window (MQTT 5:
     the Receive Maximum the daemon sends; Mosquitto on 3.1.1: ``max_inflight_messages``, 20 by default)
-    keeps unacked QoS 1 messages below the capacity, so the wait is the exception. Once `close` is
+    should keep unacked QoS 1 messages below the capacity, but Mosquitto 2.0.11 was measured pushing
+    thousands past a window of 20 under a flood (reliability/flood.py): this bound is what holds. Once `close` is
     called nothing waits: what arrives is left unacked for the broker to deliver again after the restart.
     While `stretched` (the worker waits for the outputs in flight to be confirmed, before a snapshot), the
     inbox takes up to twice its capacity: the network thread must keep reading, since the confirmations
