@@ -71,10 +71,15 @@ class Daemon:
         for pipeline in self.pipelines:
             pipeline.warm_up()  # compile or load the kernels now, not on the first message (nor under the watchdog)
             self._recover(pipeline)
-        if self.config.metrics.listen:
-            self.metrics_address = self.metrics.serve(self.config.metrics.listen)
-            log.info("metrics on http://%s:%d/metrics", *self.metrics_address, extra={"event": "metrics"})
-        self.link.start()
+        try:
+            if self.config.metrics.listen:
+                self.metrics_address = self.metrics.serve(self.config.metrics.listen)
+                log.info("metrics on http://%s:%d/metrics", *self.metrics_address, extra={"event": "metrics"})
+            self.link.start()
+        except BaseException:
+            for pipeline in self.pipelines:  # nothing was served: the next start has no unclean stop to report
+                pipeline.store.close()
+            raise
         for pipeline, batch_no, outputs in self._republish:
             self.scheduler.republish(pipeline, batch_no, outputs)
         self._republish.clear()

@@ -140,7 +140,7 @@ class Pipeline:
         if gap.any() or restart.any():
             self.metrics.seq_gaps.inc(int(gap.sum() + restart.sum()))
             if gap.any():  # a counter restart tells nothing of how many samples went missing
-                self.metrics.samples_missed.inc(sum((seqs[gap] - last[gap] - 1).tolist()))  # Python ints: no overflow
+                self.metrics.samples_missed.inc(sum((seqs[gap] - last[gap] - 1).tolist()))  # seqs <= 2**63-1, last >= 0 here: no overflow
             if self.config.seq_gap == "reset":
                 reset = gap | restart
                 self.model.reset(table.states, slots[reset])

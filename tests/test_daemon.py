@@ -600,6 +600,7 @@ def test_startup_error_behavior_error_fails_fast_and_retry_waits_for_the_broker(
         daemon.start()
     assert time.monotonic() - started < 10
     daemon.stop()
+    assert not (tmp_path / "state" / "imu.running").exists(), "a start that served nothing left the unclean-stop marker"
 
     daemon = Daemon(load_config(write_config(tmp_path, port)))  # "retry", the default
     daemon.start()
