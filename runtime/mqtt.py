@@ -80,8 +80,8 @@ class _Redeliveries:
 
     Packet ids cycle through 1..65535, so at most that many entries are kept: memory stays bounded. An
     acked message is resent only when its ack was lost to a disconnect, i.e. in the next connection, so
-    an acked entry counts only until the connection after the one it was acked in ends: a new message
-    that reuses the id much later is never mistaken for a copy.
+    an acked entry counts only until the connection after the one it was (last) acked in ends: a new
+    message that reuses the id much later is never mistaken for a copy.
     """
 
     def __init__(self):
@@ -111,6 +111,10 @@ class _Redeliveries:
                 if same and acked_in is None:
                     return True, False
                 if same and acked_in >= self._connection - 1:
+                    # Acked again now, in this connection: if this ack is lost too (the broker restarts before
+                    # reading it), the next connection must still know the copy (found by a broker restarted
+                    # twice in two seconds: the third copy was stepped as new).
+                    self._seen[mid] = (what, self._connection)
                     return True, True
             # Small payloads by reference (no hashing on this per-message path); large ones by CRC, so 65535
             # entries stay small whatever arrives.

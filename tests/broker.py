@@ -49,6 +49,8 @@ class Client:
         self.client.on_message = self._on_message
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.on_publish = self._on_publish
+        self._confirmed: set[int] = set()  # packet ids of our QoS 1 publishes the broker acknowledged
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
         if subscribe:
@@ -68,6 +70,21 @@ class Client:
             self.by_topic[message.topic].append(message.payload)
             self._distinct.add(_identity(len(self.messages), message.payload))
             self._received.notify_all()
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties):
+        with self._received:
+            self._confirmed.add(mid)
+            self._received.notify_all()
+
+    def publish_in_order(self, topic: str, payload, timeout: float = 30) -> None:
+        """QoS 1, one message in flight at a time: returns once the broker has it, across reconnects.
+        paho may reorder messages queued while it reconnects (one published just after the reconnect can
+        overtake those it resends), which only a seq lets the daemon undo."""
+        assert self._wait_until(self.client.is_connected, timeout), "publisher not connected"
+        info = self.client.publish(topic, json.dumps(payload) if isinstance(payload, dict) else payload, qos=1)
+        assert self._wait_until(lambda: info.mid in self._confirmed, timeout), f"no PUBACK for {topic}"
+        with self._received:
+            self._confirmed.discard(info.mid)
 
     def publish(self, topic: str, payload, qos: int = 1, retain: bool = False, wait: bool = True) -> None:
         if isinstance(payload, dict):

