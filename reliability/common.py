@@ -114,6 +114,13 @@ class Rig:
         self.daemon = DaemonProcess(self.config_path, self.folder / "daemon.log").start()
         return self.daemon
 
+    def terminate(self, failures: list[str]) -> int:
+        """SIGTERM the daemon and wait; a non-zero exit code is a failure of the run."""
+        code = self.daemon.terminate()
+        if code != 0:
+            failures.append(f"the daemon exited with {code} on SIGTERM")
+        return code
+
     def client(self, subscribe: str | None = None, client_id: str = "") -> Client:
         client = Client(self.broker.port, client_id=client_id, subscribe=subscribe)
         self._stack.callback(client.close)

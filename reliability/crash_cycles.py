@@ -120,9 +120,7 @@ def run(args, mode: str) -> tuple[dict, list[str]]:
                 failures.append(f"predictions for {collector.wait_for_distinct(expected, 0)} of {expected} samples "
                                 "arrived within 120 s of the end")
             last["scrape"] = rig.metrics()
-            code = rig.daemon.terminate()
-            if code != 0:
-                failures.append(f"the last process exited with {code} on SIGTERM")
+            rig.terminate(failures)
         finally:
             publisher.stop()
             collector.close()

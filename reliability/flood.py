@@ -31,18 +31,22 @@ sizes
     predictions equal to the offline run of the two valid samples), the daemon alive and connected.
 speed
     A model far slower per step (LSTM, 2 layers of ``--hidden`` 1,024) and a publisher far faster than the
-    daemon: ``--messages`` N (default 50,000; quick 5,000) over ``--streams`` S (default 500; quick 200)
+    daemon: ``--messages`` N (default 200,000; quick 5,000) over ``--streams`` S (default 500; quick 200)
     streams with seq, at QoS 1, with ``max_undelivered_messages`` 2,000 and Mosquitto's own in-flight window
     (``--broker-window``: its default, 20; 0 opens it, leaving the daemon's inbox alone against the flood). A
     thread samples ``edgernn_queue_depth`` and RSS every 0.25 s. Passed: max depth <= 4,000 (the inbox takes
     up to twice its bound while a snapshot waits for confirmations, see runtime/scheduler.py `Inbox`), RSS
-    bounded (the 10% rule above), every (key, seq) predicted exactly once, four streams equal to the offline
-    run. Mosquitto 2.0.11 pushes far more unacked messages than its window of 20 into the connection, so
+    bounded (the 10% rule above; the default N lets the first half fill what is bounded but fills slowly:
+    the link's memory of the last 65,535 deliveries, `runtime/mqtt.py` _Redeliveries), every (key, seq)
+    predicted exactly once, four streams equal to the offline run. Mosquitto 2.0.11 pushes far more unacked messages than its window of 20 into the connection, so
     the daemon's own bounds are what hold the flood back. Two faults this part found, fixed: paho read as
     many packets per loop pass as it had messages in flight before writing, so predictions queued unwritten
     behind the flood until paho ran out of packet ids (now `runtime/mqtt.py` READ_BURST); and a periodic
     snapshot stalled the worker up to shutdown_timeout waiting for confirmations the full inbox kept paho
-    from reading (now the inbox stretches, and a periodic snapshot waits at most 2 s).
+    from reading (now the inbox stretches, and a periodic snapshot waits at most 2 s). A third: the broker's
+    confirmations of the predictions queued behind the flood of inputs in the one connection, so past
+    65,535 predictions awaiting them paho refused to publish (63,190 of 150,000 lost); predictions now
+    leave on a second connection (`runtime/mqtt.py` MqttLink).
     Then QoS 0 (the same messages published at QoS 0, so delivered at QoS 0; ``max_undelivered_messages``
     50): the inbox drops what finds it full. Passed: ``messages_in`` + ``queue_dropped`` + what Mosquitto dropped (its
     ``$SYS/broker/publish/messages/dropped``) == published, ``queue_dropped`` > 0, every prediction
@@ -306,7 +310,7 @@ def sys_dropped(rig: Rig) -> int | None:
 
 
 def flood_speed(args, failures: list[str]) -> dict:
-    n = args.messages or (5_000 if args.quick else 50_000)
+    n = args.messages or (5_000 if args.quick else 200_000)
     streams = args.streams or (200 if args.quick else 500)
     per_stream = -(-n // streams)
     model = random_model("lstm", input_size=3, hidden=args.hidden, layers=2, head=(2,), gain=0.9)
@@ -444,7 +448,7 @@ def main() -> int:
     parser.add_argument("parts", nargs="*", metavar="part", help=f"{', '.join(PARTS)} (default: all)")
     parser.add_argument("--keys", type=int, help="distinct keys (default 1,000,000; quick 20,000)")
     parser.add_argument("--max-streams", type=int, help="max_streams (default 10,000; quick 1,000)")
-    parser.add_argument("--messages", type=int, help="speed: messages (default 50,000; quick 5,000)")
+    parser.add_argument("--messages", type=int, help="speed: messages (default 200,000; quick 5,000)")
     parser.add_argument("--streams", type=int, help="speed: streams (default 500; quick 200)")
     parser.add_argument("--protocol", choices=("3.1.1", "5"), help="the daemon's MQTT version (default: its default)")
     parser.add_argument("--broker-window", type=int, help="speed: Mosquitto's max_inflight_messages (default: "

@@ -454,10 +454,7 @@ def main() -> int:
         results["messages_per_s"] = count / drain_seconds
         results["log_events"] = log_events(rig)
         if alive:
-            code = rig.daemon.terminate()
-            results["exit_code"] = code
-            if code != 0:
-                failures.append(f"SIGTERM: the daemon exited with {code}")
+            results["exit_code"] = rig.terminate(failures)
     results["seconds"]["total"] = time.monotonic() - started
     report(results)
     return finish("fuzz_live", results, failures, args.json)

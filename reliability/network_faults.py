@@ -95,9 +95,7 @@ def main() -> int:
                 failures.append(f"the predictions of the last samples did not arrive within {CATCH_UP_TIMEOUT:g} s")
             time.sleep(1.0)  # repeats still on their way
             final = rig.metrics()
-            code = rig.daemon.terminate()
-            if code != 0:
-                failures.append(f"the daemon exited with {code} on SIGTERM")
+            rig.terminate(failures)
         finally:
             publisher.stop()
             collector.close()

@@ -157,13 +157,11 @@ def main() -> int:
         collector.take_latencies()
         final = rig.metrics()
         check = offline_check(model, fleet, collector, args.seed)
-        exit_code = rig.daemon.terminate()
+        exit_code = rig.terminate(failures)
         collector.close()
 
         rejected = sum(v for k, v in final.items() if k.startswith("edgernn_rejected_total"))
         dropped = metric(final, "edgernn_queue_dropped_total")
-        if exit_code != 0:
-            failures.append(f"the daemon exited with {exit_code} on SIGTERM")
         if fleet_stats["dropped_by_buffer"] or fleet_stats["acked"] != published:
             failures.append(f"the fleet lost samples before the broker: {fleet_stats['dropped_by_buffer']} dropped "
                             f"by its buffer, {fleet_stats['acked']} of {published} acked")

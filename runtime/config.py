@@ -35,6 +35,7 @@ from ..errors import EdgeRNNError
 MAX_CLIENT_ID_LENGTH = 128
 REDACTED = "***"
 DEFAULT_STATUS_TOPIC = "edgernn/{client_id}/status"
+OUTPUT_CLIENT_ID_SUFFIX = "-out"
 _REQUIRED = object()  # the default of an option that must be given
 
 
@@ -75,6 +76,12 @@ class BrokerConfig:
     insecure_skip_verify: bool = False
     status_topic: str = DEFAULT_STATUS_TOPIC
     startup_error_behavior: str = "retry"
+    separate_output_connection: bool = True  # predictions on a connection of their own (runtime/mqtt.py)
+
+    @property
+    def output_client_id(self) -> str:
+        """The client id of the predictions' connection."""
+        return self.client_id + OUTPUT_CLIENT_ID_SUFFIX
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,8 +231,11 @@ def parse_listen_address(listen: str) -> tuple[str, int]:
 # ---- sections -----------------------------------------------------------------------------------------
 def _parse_broker(t: _Table) -> BrokerConfig:
     client_id = t.string("client_id", _default_client_id())
-    if len(client_id) > MAX_CLIENT_ID_LENGTH:
-        raise t.invalid("client_id", f"must be at most {MAX_CLIENT_ID_LENGTH} characters, got {len(client_id)}")
+    separate_output = t.boolean("separate_output_connection", True)
+    longest = MAX_CLIENT_ID_LENGTH - (len(OUTPUT_CLIENT_ID_SUFFIX) if separate_output else 0)
+    if len(client_id) > longest:
+        raise t.invalid("client_id", f"must be at most {longest} characters, got {len(client_id)}"
+                        + (f" (the outputs' connection adds {OUTPUT_CLIENT_ID_SUFFIX!r})" if separate_output else ""))
     min_reconnect = t.number("min_reconnect_interval", 1.0, above=0.0)
     max_reconnect = t.number("max_reconnect_interval", 30.0, above=0.0)
     if min_reconnect > max_reconnect:
@@ -255,6 +265,7 @@ def _parse_broker(t: _Table) -> BrokerConfig:
         insecure_skip_verify=t.boolean("insecure_skip_verify", False),
         status_topic=status_topic,
         startup_error_behavior=t.string("startup_error_behavior", "retry", choices=("error", "retry")),
+        separate_output_connection=separate_output,
     )
 
 

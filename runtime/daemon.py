@@ -55,7 +55,8 @@ class Daemon:
         self.inbox = Inbox(config.daemon.max_undelivered_messages, on_drop=self._dropped)
         subscriptions = [(pattern, p.config.qos) for p in self.pipelines for pattern in p.config.subscribe]
         self.link = MqttLink(config.broker, subscriptions, self.inbox.put, self._connection_changed,
-                             receive_maximum=config.daemon.max_undelivered_messages)
+                             receive_maximum=config.daemon.max_undelivered_messages,
+                             on_publish_failed=self.metrics.publish_failures.inc)
         self.scheduler = Scheduler(self.pipelines, self.link, self.inbox, self.metrics, config.daemon.max_batch,
                                    RateLimitedLog(log, config.log.bad_input_interval))
         self.notifier = Notifier()

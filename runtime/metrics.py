@@ -111,6 +111,8 @@ class Metrics:
                                       ["pipeline"])
         self.queue_dropped = counter("queue_dropped", "Messages dropped because the work queue was full")
         self.reconnects = counter("reconnects", "Reconnections to the broker")
+        self.publish_failures = counter("publish_failures", "Publishes the MQTT client refused at once (those "
+                                        "predictions are lost; the log says why)")
         self.batches = counter("batches", "Micro-batches processed")
         self.queue_depth = gauge("queue_depth", "Messages waiting in the work queue")
         self.streams_live = gauge("streams_live", "Streams with a state in memory", ["pipeline"])

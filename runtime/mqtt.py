@@ -1,4 +1,4 @@
-"""The daemon's one MQTT connection: the only module that knows paho-mqtt (2.x, callback API v2).
+"""The daemon's MQTT connections: the only module that knows paho-mqtt (2.x, callback API v2).
 
 What it promises the rest of the daemon:
 
@@ -9,6 +9,8 @@ What it promises the rest of the daemon:
 - ``manual_ack``: an inbound QoS 1/2 message is acknowledged only when the daemon calls `ack`, i.e. after
   its prediction is published. Until then the broker redelivers it after a reconnect.
 - A retained ``online``/``offline`` status topic, ``offline`` also as the Last Will.
+- Predictions go out on a second connection (``client_id-out``) unless ``separate_output_connection =
+  false``: see `MqttLink`.
 - paho's network thread only converts each message to an `Inbound` and hands it to ``deliver``: no
   decoding, no inference there.
 
@@ -21,8 +23,10 @@ minute per cause) and keeps trying. When TLS is configured every attempt uses it
 fallback. The password is handed to paho only: no message here ever contains it.
 
 Redeliveries: after a reconnect the broker resends every unacknowledged message with its original packet
-id and the DUP flag. A copy of a message this connection already received is dropped here (and acked
-again if the original was acked already), so a stream without ``seq`` numbers is not stepped twice.
+id and the DUP flag. A copy of a message this connection already received is never stepped again, so a
+stream without ``seq`` numbers is not stepped twice: dropped here while the original is in hand (its ack
+will do), handed to the worker marked ``copy`` when the original was acked already (the ack was lost), to
+be acked again in the order received.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ class Inbound:
     mid: int
     qos: int
     received: float  # time.monotonic() at arrival
+    copy: bool = False  # a redelivered copy of a message handled and acked before: only to be acked again
 
 
 SMALL_PAYLOAD = 512
@@ -170,43 +175,40 @@ class _Client(paho.Client):
             self.failure = error
 
 
-class MqttLink:
-    """Connects, subscribes, receives into ``deliver``, publishes with completion callbacks, acks.
+class _Connection:
+    """One paho client: connects (saying why not), reconnects with backoff, re-subscribes, publishes with
+    completion callbacks. `MqttLink` has one for inputs and, by default, one for outputs."""
 
-    ``subscriptions``: [(topic filter, qos)]. ``deliver(Inbound)`` runs on paho's network thread and must
-    only enqueue. ``on_connection(connected: bool)`` is told of every connect and disconnect.
-    """
-
-    def __init__(self, broker, subscriptions: list[tuple[str, int]], deliver: Callable[[Inbound], None],
-                 on_connection: Callable[[bool], None] | None = None, receive_maximum: int = 65535):
+    def __init__(self, broker, client_id: str, role: str, on_change: Callable[[], None],
+                 failure_log: RateLimitedLog, on_publish_failed: Callable[[], None], subscriptions=(),
+                 on_message=None, on_connected=None, receive_maximum: int | None = None):
         self.broker = broker
-        # QoS 2 in would be acknowledged (PUBREC) by paho on arrival, before the prediction exists:
-        # inputs are subscribed at QoS 1 at most, which manual acks make at-least-once (seq drops repeats).
-        self.subscriptions = [(topic, min(qos, 1)) for topic, qos in subscriptions]
+        self.client_id = client_id
+        self.role = role  # "inputs", "outputs" or "inputs and outputs", for the logs
+        self.subscriptions = list(subscriptions)
         self.receive_maximum = receive_maximum
-        self._deliver = deliver
-        self._on_connection = on_connection or (lambda connected: None)
+        self._on_change = on_change
+        self._on_connected = on_connected or (lambda: None)
+        self._failure_log = failure_log
+        self._on_publish_failed = on_publish_failed
         self.connected = threading.Event()
         self.session_present = False  # whether the broker resumed our session at the last connect
-        self._first_failure: list[str] = []  # why the first attempt failed, for startup_error_behavior = "error"
-        self._first_outcome = threading.Event()  # the first attempt connected or failed
+        self.first_failure: list[str] = []  # why the first attempt failed, for startup_error_behavior = "error"
+        self.first_outcome = threading.Event()  # the first attempt connected or failed
         self.failed_attempts = 0  # since the last successful connect
         self.publish_failures = 0  # publishes paho refused (their predictions are lost)
-        self._stopping = False
-        self._failure_log = RateLimitedLog(log, CONNECT_FAILED_LOG_INTERVAL)
-        self._redeliveries = _Redeliveries()
+        self.stopping = False
         self._publish_lock = threading.Lock()
         self._on_done: dict[int, Callable[[], None] | None] = {}
         self._completed_early: set[int] = set()  # PUBACKs that arrived before publish() returned
         self._qos0_mids: set[int] = set()  # QoS 0 publishes not yet written to the socket
-        self.client = self._make_client()
+        self.client = self._make_client(on_message)
 
-    # ---- setting up ------------------------------------------------------------------------------
-    def _make_client(self) -> paho.Client:
+    def _make_client(self, on_message) -> paho.Client:
         broker = self.broker
         v5 = broker.protocol == "5"
         client = _Client(
-            CallbackAPIVersion.VERSION2, client_id=broker.client_id,
+            CallbackAPIVersion.VERSION2, client_id=self.client_id,
             clean_session=None if v5 else not broker.persistent_session,
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
             manual_ack=True)
@@ -214,10 +216,6 @@ class MqttLink:
             client.username_pw_set(broker.username, broker.password)
         if uses_tls(broker):
             client.tls_set_context(tls_context(broker, client))
-            if broker.insecure_skip_verify:
-                log.warning("insecure_skip_verify = true: the broker's TLS certificate is not checked",
-                            extra={"event": "tls_insecure"})
-        client.will_set(broker.status_topic, b"offline", qos=1, retain=True)
         client.reconnect_delay_set(max(1, round(broker.min_reconnect_interval)),
                                    max(1, round(broker.max_reconnect_interval)))
         # No window of paho's own on outputs: it rescans its whole window on every PUBACK (measured: half
@@ -229,42 +227,28 @@ class MqttLink:
         client.on_connect = self._handle_connect
         client.on_connect_fail = self._handle_connect_fail
         client.on_disconnect = self._handle_disconnect
-        client.on_message = self._handle_message
         client.on_publish = self._handle_publish
         client.on_subscribe = self._handle_subscribe
+        if on_message is not None:
+            client.on_message = on_message
         return client
 
     def start(self) -> None:
-        """Connect in the background. With ``startup_error_behavior = "error"``, wait for the first
-        connection and raise `ConnectError` if it fails; with ``"retry"``, keep trying (and logging)."""
         broker = self.broker
         properties = None
         if broker.protocol == "5":
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = SESSION_NEVER_EXPIRES if broker.persistent_session else 0
-            # Never more unacked messages in flight to us than the inbox holds: paho's thread never blocks.
-            properties.ReceiveMaximum = max(1, min(self.receive_maximum, 65535))
+            if self.receive_maximum is not None:
+                # Never more unacked messages in flight to us than the inbox holds: paho's thread never blocks.
+                properties.ReceiveMaximum = max(1, min(self.receive_maximum, 65535))
         clean_start = not broker.persistent_session if broker.protocol == "5" else paho.MQTT_CLEAN_START_FIRST_ONLY
         self.client.connect_async(broker.host, broker.port, keepalive=broker.keepalive,
                                   clean_start=clean_start, properties=properties)
         self.client.loop_start()
-        if broker.startup_error_behavior == "error":
-            # Connected, or failed for a reason given at once; the timeout covers a broker that never answers.
-            if not self._first_outcome.wait(broker.connection_timeout + 1):
-                self.stop(publish_offline=False)
-                raise ConnectError(f"cannot connect to the MQTT broker at {broker.host}:{broker.port}: no answer "
-                                   f"within connection_timeout = {broker.connection_timeout:g} s")
-            if self._first_failure:
-                self.stop(publish_offline=False)
-                raise ConnectError(self._first_failure[0])
 
-    def stop(self, publish_offline: bool = True, timeout: float = 5.0) -> None:
-        """Say ``offline`` (retained), disconnect cleanly and stop the network thread."""
-        self._stopping = True
-        if publish_offline and self.connected.is_set():
-            sent = threading.Event()
-            self.publish(self.broker.status_topic, b"offline", qos=1, retain=True, on_done=sent.set)
-            sent.wait(timeout)
+    def stop(self) -> None:
+        self.stopping = True
         self.client.disconnect()
         self.client.loop_stop()
         self.connected.clear()
@@ -275,11 +259,11 @@ class MqttLink:
         (once per `CONNECT_FAILED_LOG_INTERVAL` per cause) while paho retries."""
         self.client.reported = True
         self.failed_attempts += 1
-        if self.broker.startup_error_behavior == "error" and not self._first_outcome.is_set():
-            self._first_failure.append(message)
-            self._first_outcome.set()
+        if self.broker.startup_error_behavior == "error" and not self.first_outcome.is_set():
+            self.first_failure.append(message)
+            self.first_outcome.set()
             return
-        self._first_outcome.set()
+        self.first_outcome.set()
         self._failure_log.warning(("connect_failed", message), "%s; retrying", message, event="connect_failed",
                                   failed_attempts=self.failed_attempts)
 
@@ -292,50 +276,37 @@ class MqttLink:
             self._failed(describe_failure(self.broker, reason=reason_code))
             return
         client.reported = True
-        self._first_outcome.set()
-        self._redeliveries.connected()
+        self.first_outcome.set()
         self.session_present = bool(flags.session_present)
-        log.info("connected to %s:%d as %r (session %s)", self.broker.host, self.broker.port,
-                 self.broker.client_id, "resumed" if flags.session_present else "new",
+        log.info("connected to %s:%d as %r for %s (session %s)", self.broker.host, self.broker.port,
+                 self.client_id, self.role, "resumed" if flags.session_present else "new",
                  extra={"event": "connected", "session_present": bool(flags.session_present),
-                        "failed_attempts": self.failed_attempts})
+                        "failed_attempts": self.failed_attempts, "client_id": self.client_id})
         self.failed_attempts = 0
         if self.subscriptions:
             client.subscribe(self.subscriptions)
         self.connected.set()
-        self.publish(self.broker.status_topic, b"online", qos=1, retain=True)
-        self._on_connection(True)
+        self._on_connected()
+        self._on_change()
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties):
         was_connected = self.connected.is_set()
         self.connected.clear()
         self._forget_qos0()
-        if not was_connected and not client.reported and not self._stopping:
+        if not was_connected and not client.reported and not self.stopping:
             # Closed before any CONNACK: after a TLS alert (our client certificate rejected), or by a broker
             # that does not speak MQTT on that port.
             self._failed(describe_failure(self.broker, client.failure, client.stage))
         if was_connected:
-            log.warning("disconnected from %s:%d (%s); reconnecting", self.broker.host, self.broker.port,
-                        reason_code, extra={"event": "disconnected"})
-            self._on_connection(False)
+            log.warning("disconnected from %s:%d (%s) as %r; reconnecting", self.broker.host, self.broker.port,
+                        reason_code, self.client_id, extra={"event": "disconnected", "client_id": self.client_id})
+            self._on_change()
 
     def _handle_subscribe(self, client, userdata, mid, reason_codes, properties):
         for (topic, _), code in zip(self.subscriptions, reason_codes):
             if code.is_failure:
                 log.error("the broker refused the subscription to %r: %s", topic, code,
                           extra={"event": "subscribe_refused"})
-
-    def _handle_message(self, client, userdata, message):
-        payload = message.payload
-        topic = message.topic
-        if message.qos > 0:
-            copy, acked = self._redeliveries.is_copy(message.mid, topic, payload, message.dup)
-            if copy:  # the original is queued, being processed, or done: never step it twice
-                if acked:
-                    client.ack(message.mid, message.qos)
-                log.debug("dropped a redelivered copy of message %d on %r", message.mid, topic)
-                return
-        self._deliver(Inbound(topic, payload, message.mid, message.qos, time.monotonic()))
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties):
         with self._publish_lock:
@@ -355,19 +326,18 @@ class MqttLink:
                 self._on_done.pop(mid, None)
             self._qos0_mids.clear()
 
-    # ---- used by the scheduler (worker thread) ---------------------------------------------------
+    # ---- publishing (any thread) -----------------------------------------------------------------
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False,
                 on_done: Callable[[], None] | None = None) -> None:
-        """Publish; ``on_done()`` runs (on the network thread) once the broker has it: PUBACK for QoS 1,
-        PUBCOMP for QoS 2, written to the socket for QoS 0. Messages published while disconnected are
-        queued by paho and sent (QoS > 0: resent) after the reconnect."""
+        """See `MqttLink.publish`."""
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             # paho refused it outright: no confirmation will ever come. Done now, or the input it answers (and,
             # since acks leave in order, every later input) would never be acked: the prediction is lost, said
-            # (once a minute per reason). Seen when more than 65,535 predictions wait for their confirmations
-            # (packet ids run out): docs/reliability.md, "Known limits".
+            # (once a minute per reason). Seen when more than 65,535 predictions waited for their
+            # confirmations (packet ids ran out) with outputs on the input connection: docs/reliability.md.
             self.publish_failures += 1
+            self._on_publish_failed()
             self._failure_log.log(logging.ERROR, ("publish_failed", info.rc), "publish to %r failed: %s (%d so far)",
                                   topic, info.rc, self.publish_failures, event="publish_failed")
             if on_done is not None:
@@ -398,6 +368,131 @@ class MqttLink:
         if early and on_done is not None:
             on_done()
 
+
+class MqttLink:
+    """Connects, subscribes, receives into ``deliver``, publishes with completion callbacks, acks.
+
+    ``subscriptions``: [(topic filter, qos)]. ``deliver(Inbound)`` runs on paho's network thread and must
+    only enqueue. ``on_connection(connected: bool)`` is told when the link goes up (every connection up)
+    and down (any of them lost).
+
+    Two connections by default (``separate_output_connection``): inputs (and acks, the status topic and its
+    Last Will) on ``client_id``, predictions and dead letters on ``client_id-out``. In one connection the
+    broker's confirmations of our predictions queue behind the inputs it sends; under a flood (Mosquitto
+    2.0.11 pushes far past its in-flight window) they came too late: the inputs they answer stayed unacked,
+    the backlog grew, and past 65,535 predictions awaiting confirmation paho refused to publish
+    (reliability/flood.py speed). Each connection's reads now carry only its own traffic.
+    """
+
+    def __init__(self, broker, subscriptions: list[tuple[str, int]], deliver: Callable[[Inbound], None],
+                 on_connection: Callable[[bool], None] | None = None, receive_maximum: int = 65535,
+                 on_publish_failed: Callable[[], None] = lambda: None):
+        self.broker = broker
+        # QoS 2 in would be acknowledged (PUBREC) by paho on arrival, before the prediction exists:
+        # inputs are subscribed at QoS 1 at most, which manual acks make at-least-once (seq drops repeats).
+        self.subscriptions = [(topic, min(qos, 1)) for topic, qos in subscriptions]
+        self._deliver = deliver
+        self._on_connection = on_connection or (lambda connected: None)
+        self.connected = threading.Event()  # every connection is up
+        self._connected_lock = threading.Lock()  # one transition of `connected` at a time
+        self._redeliveries = _Redeliveries()
+        failure_log = RateLimitedLog(log, CONNECT_FAILED_LOG_INTERVAL)
+        separate = broker.separate_output_connection
+        self.inputs = _Connection(broker, broker.client_id, "inputs" if separate else "inputs and outputs",
+                                  self._changed, failure_log, on_publish_failed, self.subscriptions,
+                                  self._handle_message, self._inputs_connected, receive_maximum)
+        self.inputs.client.will_set(broker.status_topic, b"offline", qos=1, retain=True)
+        self.outputs = (_Connection(broker, broker.output_client_id, "outputs", self._changed, failure_log,
+                                    on_publish_failed) if separate else self.inputs)
+        self.connections = (self.inputs, self.outputs) if separate else (self.inputs,)
+        if uses_tls(broker) and broker.insecure_skip_verify:
+            log.warning("insecure_skip_verify = true: the broker's TLS certificate is not checked",
+                        extra={"event": "tls_insecure"})
+
+    @property
+    def client(self) -> paho.Client:
+        """The inputs' paho client."""
+        return self.inputs.client
+
+    @property
+    def session_present(self) -> bool:
+        """Whether the broker resumed the inputs' session at the last connect."""
+        return self.inputs.session_present
+
+    @property
+    def failed_attempts(self) -> int:
+        return max(connection.failed_attempts for connection in self.connections)
+
+    @property
+    def publish_failures(self) -> int:
+        return sum(connection.publish_failures for connection in self.connections)
+
+    def start(self) -> None:
+        """Connect in the background. With ``startup_error_behavior = "error"``, wait for the first
+        connections and raise `ConnectError` if one fails; with ``"retry"``, keep trying (and logging)."""
+        for connection in self.connections:
+            connection.start()
+        if self.broker.startup_error_behavior != "error":
+            return
+        for connection in self.connections:
+            # Connected, or failed for a reason given at once; the timeout covers a broker that never answers.
+            if not connection.first_outcome.wait(self.broker.connection_timeout + 1):
+                self.stop(publish_offline=False)
+                raise ConnectError(f"cannot connect to the MQTT broker at {self.broker.host}:{self.broker.port}: no "
+                                   f"answer within connection_timeout = {self.broker.connection_timeout:g} s")
+            if connection.first_failure:
+                self.stop(publish_offline=False)
+                raise ConnectError(connection.first_failure[0])
+
+    def stop(self, publish_offline: bool = True, timeout: float = 5.0) -> None:
+        """Say ``offline`` (retained), disconnect cleanly and stop the network threads."""
+        for connection in self.connections:
+            connection.stopping = True
+        if publish_offline and self.inputs.connected.is_set():
+            sent = threading.Event()
+            self.inputs.publish(self.broker.status_topic, b"offline", qos=1, retain=True, on_done=sent.set)
+            sent.wait(timeout)
+        for connection in self.connections:
+            connection.stop()
+        self.connected.clear()
+
+    # ---- paho callbacks (network threads) --------------------------------------------------------
+    def _inputs_connected(self) -> None:
+        self._redeliveries.connected()
+        self.inputs.publish(self.broker.status_topic, b"online", qos=1, retain=True)
+
+    def _changed(self) -> None:
+        """A connection went up or down: tell the daemon when the link as a whole does."""
+        up = all(connection.connected.is_set() for connection in self.connections)
+        with self._connected_lock:  # from either network thread
+            if up == self.connected.is_set():
+                return
+            if up:
+                self.connected.set()
+            else:
+                self.connected.clear()
+        self._on_connection(up)
+
+    def _handle_message(self, client, userdata, message):
+        payload = message.payload
+        topic = message.topic
+        if message.qos > 0:
+            copy, acked = self._redeliveries.is_copy(message.mid, topic, payload, message.dup)
+            if copy:  # the original is queued, being processed, or done: never step it twice
+                log.debug("dropped a redelivered copy of message %d on %r", message.mid, topic)
+                if acked:  # its ack was lost: acked again by the worker, in its turn (acks leave in order)
+                    self._deliver(Inbound(topic, payload, message.mid, message.qos, time.monotonic(), copy=True))
+                return
+        self._deliver(Inbound(topic, payload, message.mid, message.qos, time.monotonic()))
+
+    # ---- used by the scheduler (worker thread) ---------------------------------------------------
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False,
+                on_done: Callable[[], None] | None = None) -> None:
+        """Publish on the outputs' connection; ``on_done()`` runs (on a network thread) once the broker has
+        it: PUBACK for QoS 1, PUBCOMP for QoS 2, written to the socket for QoS 0. Messages published while
+        disconnected are queued by paho and sent (QoS > 0: resent) after the reconnect."""
+        self.outputs.publish(topic, payload, qos, retain, on_done)
+
     def expect_redelivery(self, delivery: int) -> None:
         """A message journalled before a crash (`persistence.delivery_id`): when the broker delivers it
         again, it is acked and dropped, not stepped a second time."""
@@ -408,4 +503,5 @@ class MqttLink:
         if message.qos == 0:
             return
         self._redeliveries.acked(message.mid)
-        self.client.ack(message.mid, message.qos)
+        self.inputs.client.ack(message.mid, message.qos)
+

@@ -54,9 +54,9 @@ class Inbox:
     thousands past a window of 20 under a flood (reliability/flood.py): this bound is what holds. Once `close` is
     called nothing waits: what arrives is left unacked for the broker to deliver again after the restart.
     While `stretched` (the worker waits for the outputs in flight to be confirmed, before a snapshot), the
-    inbox takes up to twice its capacity: the network thread must keep reading, since the confirmations
-    come in the same connection as the inputs, or a full inbox under a flood would hold the snapshot until
-    its timeout. Past twice the capacity it waits again: memory stays bounded, and the snapshot is then
+    inbox takes up to twice its capacity: with ``separate_output_connection = false`` the confirmations
+    come in the same connection as the inputs, so the network thread must keep reading, or a full inbox
+    under a flood would hold the snapshot until its timeout. Past twice the capacity it waits again: memory stays bounded, and the snapshot is then
     skipped (said) and tried again later (measured: a flood had pushed 18,000 messages into the
     connection's receive buffer, more than any bound worth its memory).
     """
@@ -237,6 +237,9 @@ class Scheduler:
         with self._ack_lock:
             self._unacked.extend(entry for entry in entries if entry[0].qos)
         for inbound, entry in zip(items, entries):
+            if inbound.copy:  # handled before a reconnect or a crash (runtime/mqtt.py): only acked, in its turn
+                self._message_done(entry)
+                continue
             routes = self._route(inbound.topic)
             message = _Completion(len(routes), lambda entry=entry: self._message_done(entry))
             if not routes:  # a retained or stray message outside every pipeline's subscription

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 import urllib.request
@@ -50,6 +51,13 @@ def _publish_streams(client, streams: int, seqs, qos: int = 1) -> None:
     client.client.publish("flush/marker", b"", qos=1).wait_for_publish(10)
 
 
+def _publish_and_check(sender, collector, model, streams: int, samples: int) -> None:
+    """Samples 0..samples-1 of each stream, interleaved: every prediction arrives and equals the offline run."""
+    _publish_streams(sender, streams, range(samples))
+    _count(collector, streams * samples)
+    _check(collector.predictions(), model, {k: list(range(samples)) for k in range(streams)})
+
+
 def _count(collector, n, timeout=30):
     """Wait for ``n`` distinct predictions: one per (key, seq) where payloads carry seq, so copies re-sent
     by at-least-once delivery count once; one per message where they do not (raw output, no seq)."""
@@ -82,14 +90,34 @@ def _check_every_copy(got: dict, model, total: int) -> None:
                                    atol=ATOL, err_msg=f"sample {i}")
 
 
+@pytest.mark.parametrize("separate", [True, False])
+def test_predictions_go_out_on_the_connection_configured(tmp_path, model, separate):
+    """By default predictions leave on a second connection, client id "<client_id>-out", so that the
+    broker's confirmations of them never queue behind a flood of inputs (reliability/flood.py speed);
+    ``separate_output_connection = false`` keeps one. The broker's own log says who published what."""
+    broker = Mosquitto(tmp_path / "broker", extra_config="log_type debug\n").start()
+    daemon = start_daemon(write_config(tmp_path, broker.port,
+                                       broker=f"separate_output_connection = {str(separate).lower()}"))
+    collector = Client(broker.port, subscribe="predictions/#")
+    sender = Client(broker.port)
+    try:
+        _publish_and_check(sender, collector, model, 2, 10)
+        publishers = set(re.findall(r"Received PUBLISH from (\S+) \(d\d, q\d, r\d, m\d+, 'predictions/",
+                                    broker.log_path.read_text()))
+        assert publishers == {"edgernn-test-out" if separate else "edgernn-test"}
+        statuses = set(re.findall(r"Received PUBLISH from (\S+) \(d\d, q\d, r\d, m\d+, 'edgernn/",
+                                  broker.log_path.read_text()))
+        assert statuses == {"edgernn-test"}, "the status topic belongs to the connection with the Last Will"
+    finally:
+        sender.close(), collector.close(), daemon.stop(), broker.stop()
+
+
 def test_interleaved_streams_equal_offline_runs(tmp_path, broker, model):
     daemon = start_daemon(write_config(tmp_path, broker.port))
     collector = Client(broker.port, subscribe="predictions/#")
     sender = Client(broker.port)
     try:
-        _publish_streams(sender, 6, range(30))
-        _count(collector, 6 * 30)
-        _check(collector.predictions(), model, {k: list(range(30)) for k in range(6)})
+        _publish_and_check(sender, collector, model, 6, 30)
         body = json.loads(collector.messages[0][1])
         assert set(body) == {"y", "seq", "key"} and body["key"] == "dev0"
         assert collector.messages[0][0] == "predictions/dev0/imu"
@@ -564,9 +592,7 @@ def test_onnxruntime_backend_gives_the_same_predictions(tmp_path, broker, model)
     collector = Client(broker.port, subscribe="predictions/#")
     sender = Client(broker.port)
     try:
-        _publish_streams(sender, 3, range(10))
-        _count(collector, 30)
-        _check(collector.predictions(), model, {k: list(range(10)) for k in range(3)})
+        _publish_and_check(sender, collector, model, 3, 10)
         assert daemon.pipelines[0].backend.provider == "CPUExecutionProvider"
     finally:
         sender.close(), collector.close(), daemon.stop()

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from broker import Client, mosquitto_binary
+from broker import Client, free_port, mosquitto_binary
 from daemon_harness import (DaemonProcess, offline, payload, sample, start_daemon, wait_until, write_config,
                             write_model)
 from edgernn.runtime.codecs import REJECT_REASONS
@@ -351,3 +351,19 @@ def test_a_journalled_message_the_broker_delivers_again_is_not_stepped_twice(tmp
             np.testing.assert_allclose(y, want[1], atol=ATOL)  # the state advanced once by the first
     finally:
         sender.close(), collector.close(), daemon.stop()
+
+
+def test_a_publish_paho_refuses_completes_at_once_and_is_counted(tmp_path):
+    """paho refuses a publish outright (its queue full; in a flood on one connection, no packet id left):
+    no confirmation will ever come, so ``on_done`` runs at once -- else the input it answers, and every
+    later one (acks leave in order), would never be acked -- and the failure is counted for the metrics."""
+    failures = []
+    link = MqttLink(_broker_settings(tmp_path, free_port()), [("in/#", 1)], lambda inbound: None,
+                    on_publish_failed=lambda: failures.append(1))
+    link.outputs.client.max_queued_messages_set(1)  # never started: publishes queue, the second is refused
+    first, second = threading.Event(), threading.Event()
+    link.publish("predictions/a", b"1", qos=1, on_done=first.set)
+    link.publish("predictions/b", b"2", qos=1, on_done=second.set)
+    assert not first.is_set(), "a queued publish completes only when the broker confirms it"
+    assert second.is_set(), "a refused publish must complete at once"
+    assert link.publish_failures == 1 and failures == [1]

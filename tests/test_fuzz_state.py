@@ -311,6 +311,23 @@ def test_a_stream_at_the_largest_seq_fails_no_micro_batch(served):
     check_tracked(served, outputs_by_topic(served.link), {0: [0], 1: [], 2: []})
 
 
+def test_a_redelivered_copy_is_acked_in_its_turn_and_touches_nothing(served):
+    """A copy of a message acked before a reconnect or a crash (`Inbound.copy`: runtime/mqtt.py) is acked
+    again in the order received, after the valid message before it whose prediction the broker has not
+    confirmed yet -- it used to be acked on arrival, ahead of it -- and it steps no state."""
+    scheduler = served.fresh()  # a new RecordingLink, whose confirmations are held here
+    held = []
+    served.link.publish = lambda topic, body, qos, retain=False, on_done=None: held.append(on_done)
+    messages_in = served.counter("edgernn_messages_in_total")
+    scheduler.process([Inbound(TRACKED_TOPICS[1], json.dumps(payload(1, 0)).encode(), 1, 1, 0.0),
+                       Inbound(TRACKED_TOPICS[0], json.dumps(payload(0, 0)).encode(), 2, 1, 0.0, copy=True)])
+    assert served.link.acked == [] and len(held) == 1, "the copy waits for the message before it"
+    assert served.counter("edgernn_messages_in_total") == messages_in + 1
+    assert "t0" not in served.pipeline.table, "a copy never steps a stream"
+    held[0]()
+    assert served.link.acked == [1, 2]
+
+
 def refused_by_brokers(text: str) -> bool:
     """Control characters and noncharacters: Mosquitto closes the connection of a client publishing to a topic
     holding one (MQTT 3.1.1 section 1.5.3 lets it)."""

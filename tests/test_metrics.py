@@ -59,7 +59,8 @@ def test_every_labelled_series_exists_at_zero(metrics):
             assert found["edgernn_rejected_total", (("pipeline", pipeline), ("reason", reason))] == 0
         for cause in RESET_CAUSES:
             assert found["edgernn_resets_total", (("cause", cause), ("pipeline", pipeline))] == 0
-    for name in ("edgernn_queue_dropped_total", "edgernn_reconnects_total", "edgernn_batches_total",
+    for name in ("edgernn_queue_dropped_total", "edgernn_reconnects_total", "edgernn_publish_failures_total",
+                 "edgernn_batches_total",
                  "edgernn_queue_depth", "edgernn_connected", "edgernn_batch_size_count", "edgernn_latency_seconds_count"):
         assert found[name, ()] == 0
 
