@@ -68,7 +68,10 @@ level = "{log_level}"
 def start_daemon(config_path: Path) -> Daemon:
     daemon = Daemon(load_config(config_path))
     daemon.start()
-    assert daemon.link.connected.wait(10), "the daemon did not connect"
+    # A liveness bound, not a speed check: the pure-Python broker under a loaded CI machine was seen to take
+    # over 10 s to answer both connections of a restarted daemon.
+    assert daemon.link.connected.wait(30), "the daemon did not connect: " + ", ".join(
+        f"{c.client_id} {'up' if c.connected.is_set() else 'down'}" for c in daemon.link.connections)
     time.sleep(0.2)  # the SUBACK
     return daemon
 
