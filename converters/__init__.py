@@ -10,11 +10,11 @@ def from_torch(source, **options):
     return _from_torch(source, **options)
 
 
-def from_onnx(source):
+def from_onnx(source, **options):
     """An ONNX file or ModelProto (torch.onnx.export, tf2onnx from Keras) -> `edgernn.Model`.
     See `edgernn.converters.onnx_import.from_onnx`."""
     from .onnx_import import from_onnx as _from_onnx
-    return _from_onnx(source)
+    return _from_onnx(source, **options)
 
 
 def to_onnx(model, path=None, **options):

@@ -30,6 +30,7 @@ shape arithmetic on them), `onnx_unrolled` (the dynamo exporter's unrolled RNN f
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -37,6 +38,7 @@ import numpy as np
 
 from edgernn.errors import ConversionError
 from edgernn.model import Model
+from edgernn.rest_state import with_rest_state
 
 from . import onnx_graph
 from .onnx_chain import ACTIVATIONS, ChainBuilder
@@ -53,13 +55,24 @@ PASS = {"Identity", "Dropout", "Cast"}
 CONTROL_FLOW = {"Loop", "Scan", "If"}
 
 
-def from_onnx(source) -> Model:
-    """An ONNX file or ModelProto of a recurrent model (``torch.onnx.export``, tf2onnx from Keras) -> `Model`."""
+def from_onnx(source, *, sample_rate=None) -> Model:
+    """An ONNX file or ModelProto of a recurrent model (``torch.onnx.export``, tf2onnx from Keras) -> `Model`.
+
+    Constant ``initial_h`` / ``initial_c`` inputs (a trained initial state) become the model's rest state,
+    when every sequence of the batch starts from the same one. ``sample_rate`` (Hz) is stored in the spec.
+    """
     imported = import_graph(source)
-    if imported.initial_rows is not None:
-        raise ConversionError(f"{imported.label}: the graph starts its recurrent layers from a non-zero constant "
-                              f"state; an edgernn model starts from zeros (use import_graph to run it as is)")
-    return imported.model
+    model = imported.model
+    rows = imported.initial_rows
+    if rows is not None:
+        if not (rows == rows[0]).all():
+            raise ConversionError(f"{imported.label}: the graph starts its recurrent layers from a non-zero constant "
+                                  f"state that differs between the {len(rows)} sequences of its batch; an edgernn "
+                                  f"model has one rest state (use import_graph to run it as is)")
+        model = with_rest_state(model, rows[0], "trained", "the graph's constant initial_h/initial_c")
+    if sample_rate is not None:
+        model = Model(dataclasses.replace(model.spec, sample_rate=sample_rate), model.weights)
+    return model
 
 
 def import_graph(source) -> ImportedGraph:

@@ -13,6 +13,7 @@ PyTorch                   edgernn          note
 ``weight_hr_l{k}``        ``{p}proj``       (proj_size, H), LSTM(proj_size=...)
 Linear ``weight``         ``head.{j}.W``    (out, in)
 Linear ``bias``           ``head.{j}.b``    (out,)
+``h0`` / ``c0``           ``rest_state``    trained initial state (`INITIAL_STATE_NAMES`)
 ========================  ===============  ==========================================
 
 A module's ``forward`` is Python the converter cannot read: it assumes the children run in registration
@@ -34,12 +35,12 @@ from torch import nn
 
 from edgernn.errors import ConversionError
 from edgernn.model import Model
-from edgernn.spec import ACTIVATION_DEFAULTS, DenseLayer, ModelSpec
+from edgernn.spec import ACTIVATION_DEFAULTS, REST_STATE, DenseLayer, ModelSpec
 
 from . import torch_eager, torch_sources
 from .torch_state_dict import ONNX_HINT as _ONNX
 from .torch_state_dict import array as _array
-from .torch_state_dict import linear_head, recurrent_keys, recurrent_layers
+from .torch_state_dict import INITIAL_STATE_NAMES, initial_state_row, linear_head, recurrent_keys, recurrent_layers
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class _Mismatch(ConversionError):
 
 
 def from_torch(source, *, nonlinearity=None, head_activations=None, trust_pickle=False, weights=None, verify=True,
-               seed=0):
+               seed=0, initial_state=None, sample_rate=None):
     """A PyTorch recurrent model -> `edgernn.model.Model` computing the same outputs.
 
     ``source`` is one of:
@@ -84,27 +85,42 @@ def from_torch(source, *, nonlinearity=None, head_activations=None, trust_pickle
     normal sequence of `VERIFY_STEPS` steps and raises `ConversionError` when they differ by more than
     `VERIFY_TOLERANCE`: the forward pass did something the converter cannot see. A TorchScript module
     whose forward does not take one (T, 1, I) or (1, T, I) tensor is converted unverified, with a warning.
+
+    A trained initial state becomes the model's rest state (`Model.new_state`): ``initial_state`` (``h0``,
+    or ``(h0, c0)`` for an LSTM, shaped as PyTorch's recurrent modules take them), else a parameter or buffer
+    ``h0`` / ``c0`` of the module around the recurrent layer, or state dict entries ``h0`` / ``c0``
+    (`INITIAL_STATE_NAMES`). Verification then runs the model from that state, so a forward pass that does
+    not start from it is caught. ``sample_rate`` (Hz) is stored in the spec.
     """
     loaded = torch_sources.load(source, weights=weights, trust_pickle=trust_pickle, nonlinearity=nonlinearity)
-    return convert(loaded, nonlinearity=nonlinearity, head_activations=head_activations, verify=verify, seed=seed)[0]
+    return convert(loaded, nonlinearity=nonlinearity, head_activations=head_activations, verify=verify, seed=seed,
+                   extras=_Extras(initial_state, sample_rate))[0]
 
 
-def convert(loaded, *, nonlinearity=None, head_activations=None, verify=True, seed=0):
+@dataclasses.dataclass(frozen=True)
+class _Extras:
+    """What the caller adds to the source: a trained initial state, the sample rate."""
+
+    initial_state: object = None
+    sample_rate: float | None = None
+
+
+def convert(loaded, *, nonlinearity=None, head_activations=None, verify=True, seed=0, extras=_Extras()):
     """A loaded `torch_sources.TorchSource` -> (Model, the ``batch_first`` that verified, or None)."""
     if loaded.tensors is not None:
         log.info("%s: a state dict has no forward pass to verify against; trusting names, shapes and flags",
                  loaded.name)
-        return _from_state_dict(loaded.tensors, loaded.name, nonlinearity, head_activations), None
+        return _from_state_dict(loaded.tensors, loaded.name, nonlinearity, head_activations, extras), None
     if loaded.kind != "TorchScript" or head_activations is not None:
         _refuse_flags(nonlinearity, head_activations, loaded.name)
     try:
-        return _from_module(loaded, verify, seed)
+        return _from_module(loaded, verify, seed, extras)
     except _Mismatch:
         # A traced RNN keeps no nonlinearity: the twin assumed tanh; relu is the only other one PyTorch has.
         if loaded.kind != "TorchScript" or nonlinearity is not None or not _is_rnn(loaded.module):
             raise
         retry = dataclasses.replace(loaded, module=torch_eager.twin(loaded.runner, "relu"))
-        return _from_module(retry, verify, seed)
+        return _from_module(retry, verify, seed, extras)
 
 
 def torch_reference(source, *, weights=None, trust_pickle=False, nonlinearity=None, head_activations=None, seed=0):
@@ -134,22 +150,41 @@ def torch_reference(source, *, weights=None, trust_pickle=False, nonlinearity=No
 # ---- modules ------------------------------------------------------------------------------------
 
 
-def _from_module(loaded, verify: bool, seed: int):
+def _from_module(loaded, verify: bool, seed: int, extras: _Extras):
     """Convert a recurrent module or a wrapper of one, then (optionally) check it against the source."""
     source = loaded.module
     if isinstance(source, nn.RNNBase):
-        rnn, rest = source, []
+        rnn, rest, found = source, [], {}
     else:
         rnn, rest = _read_wrapper(source)
+        found = {name: tensor for name, tensor in [*source.named_parameters(recurse=False),
+                                                   *source.named_buffers(recurse=False)]
+                 if name in INITIAL_STATE_NAMES}
     layers, weights = _recurrent(rnn)
     head = _head(rest, layers[-1].output_size, verify)
-    model = _assemble(layers[0].input_size, layers, head, weights, type(source).__name__)
+    start = _start(layers, extras, found, type(source).__name__, "module")
+    model = _assemble(layers[0].input_size, layers, head, weights, type(source).__name__, start, extras.sample_rate)
     return model, (_verify(loaded, model, seed) if verify else None)
+
+
+def _start(layers, extras: _Extras, found: dict, where: str, holder: str):
+    """(state row, note) of the trained initial state: the caller's ``initial_state``, else the h0/c0
+    ``found`` in the source; None when there is neither."""
+    if extras.initial_state is not None:
+        given = extras.initial_state
+        h0, c0 = tuple(given) if isinstance(given, tuple | list) else (given, None)
+        note = "initial_state argument"
+    elif found:
+        h0, c0 = found.get("h0"), found.get("c0")
+        note = f"{'/'.join(name for name in INITIAL_STATE_NAMES if name in found)} of the {holder}"
+    else:
+        return None
+    return initial_state_row(layers, h0, c0, where), note
 
 
 def _read_wrapper(source: nn.Module):
     """The recurrent layer of a wrapper module and the children after it, in registration order."""
-    own = [name for name, _ in source.named_parameters(recurse=False)]
+    own = [name for name, _ in source.named_parameters(recurse=False) if name not in INITIAL_STATE_NAMES]
     if own:
         raise ConversionError(
             f"{type(source).__name__} holds parameters of its own ({', '.join(own)}) that its forward pass uses "
@@ -264,9 +299,11 @@ def _verify(loaded, model, seed: int):
         tolerance = VERIFY_TOLERANCE * max(1.0, float(np.max(np.abs(ref))))
         if err <= tolerance:  # also refuses NaN
             return batch_first
+        start = (f" (edgernn starts from the trained initial state, {model.spec.rest_state_note}: does the forward "
+                 f"pass hand it to the recurrent layer?)") if model.spec.rest_state == "trained" else ""
         mismatch = mismatch or _Mismatch(
             f"{name}'s output does not match the converted model (max abs err {err:.3g} > {tolerance:.3g} over "
-            f"{VERIFY_STEPS} steps): its forward pass does something edgernn cannot see; {_ONNX}"
+            f"{VERIFY_STEPS} steps): its forward pass does something edgernn cannot see{start}; {_ONNX}"
         )
     if mismatch is None and loaded.kind == "TorchScript":
         log.warning("%s: converted WITHOUT verification: %s", loaded.name, failure)
@@ -321,8 +358,17 @@ def _aligned(ref: np.ndarray, got: np.ndarray, name: str):
 # ---- state dicts ----------------------------------------------------------------------------------
 
 
-def _from_state_dict(tensors: dict, where: str, nonlinearity, head_activations):
+def _from_state_dict(tensors: dict, where: str, nonlinearity, head_activations, extras: _Extras):
     """Infer the architecture from a state dict's names and shapes; the flags supply the rest."""
+    found, named = {}, {}
+    for key in tensors:
+        short = key.rsplit(".", 1)[-1]
+        if short in INITIAL_STATE_NAMES:
+            if short in found:
+                raise ConversionError(f"{where}: several {short} entries ({named[short]!r}, {key!r}); edgernn reads "
+                                      f"one trained initial state")
+            found[short], named[short] = tensors[key], key
+    tensors = {key: value for key, value in tensors.items() if key not in named.values()}
     keys = list(tensors)
     recurrent = recurrent_keys(tensors, where)
     first = keys.index(next(iter(recurrent)))
@@ -336,7 +382,8 @@ def _from_state_dict(tensors: dict, where: str, nonlinearity, head_activations):
     head = linear_head(tensors, rest, layers[-1].output_size, where)
     for entry, activation in zip(head, _head_activations(head_activations, len(head), where)):
         entry[3] = activation
-    return _assemble(layers[0].input_size, layers, head, weights, Path(where).stem)
+    start = _start(layers, extras, found, where, "state dict")
+    return _assemble(layers[0].input_size, layers, head, weights, Path(where).stem, start, extras.sample_rate)
 
 
 def _head_activations(names, count: int, where: str) -> list:
@@ -356,15 +403,21 @@ def _head_activations(names, count: int, where: str) -> list:
 # ---- shared -------------------------------------------------------------------------------------
 
 
-def _assemble(input_size: int, layers: list, head: list, weights: dict, name: str):
-    """The spec and weight dict -> Model; the head entries are ``[name, W, b, activation]``."""
+def _assemble(input_size: int, layers: list, head: list, weights: dict, name: str, start=None, sample_rate=None):
+    """The spec and weight dict -> Model; the head entries are ``[name, W, b, activation]``; ``start`` is
+    (state row, note) of a trained initial state, or None."""
     dense = []
     for j, (_, W, b, activation) in enumerate(head):
         dense.append(DenseLayer(W.shape[1], W.shape[0], bias=b is not None, activation=activation))
         weights[f"head.{j}.W"] = W
         if b is not None:
             weights[f"head.{j}.b"] = b
-    spec = ModelSpec(input_size=input_size, layers=tuple(layers), head=tuple(dense), name=name)
+    rest = {}
+    if start is not None:
+        weights[REST_STATE], note = start
+        rest = dict(rest_state="trained", rest_state_note=note)
+    spec = ModelSpec(input_size=input_size, layers=tuple(layers), head=tuple(dense), name=name,
+                     sample_rate=sample_rate, **rest)
     return Model(spec, weights)
 
 

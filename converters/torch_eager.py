@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from edgernn.errors import ConversionError
+from edgernn.spec import REST_STATE
 
-from .torch_state_dict import recurrent_keys, recurrent_layers
+from .torch_state_dict import INITIAL_STATE_NAMES, initial_state_tensors, recurrent_keys, recurrent_layers
 
 _RECURRENT = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 _PLAIN = ("ReLU", "Tanh", "Sigmoid", "Identity", "Dropout")  # modules rebuilt with no arguments
@@ -87,11 +88,15 @@ class Rebuilt(nn.Module):
         if spec.normalize:
             self.register_buffer("mean", torch.as_tensor(weights["input.mean"]))
             self.register_buffer("std", torch.as_tensor(weights["input.std"]))
+        self.hx = None  # a trained initial state (h0, or (h0, c0)) is the source's own start; zeros otherwise
+        if spec.rest_state == "trained":
+            h0, c0 = initial_state_tensors(spec.layers, weights[REST_STATE])
+            self.hx = torch.as_tensor(h0) if c0 is None else (torch.as_tensor(h0), torch.as_tensor(c0))
 
     def forward(self, x):
         if self.normalize:
             x = (x - self.mean) / self.std
-        return self.head(self.rnn(x)[0])
+        return self.head(self.rnn(x, self.hx)[0])
 
 
 def reference_module(spec, weights: dict) -> Rebuilt:
@@ -115,6 +120,9 @@ def twin(script, nonlinearity=None) -> nn.Module:
     mirror = type(_name(script), (nn.Module,), {})()
     for name, parameter in script.named_parameters(recurse=False):
         mirror.register_parameter(name, nn.Parameter(parameter.detach().clone()))
+    for name, buffer in script.named_buffers(recurse=False):
+        if name in INITIAL_STATE_NAMES:  # a trained initial state kept as a buffer (see `torch.from_torch`)
+            mirror.register_buffer(name, buffer.detach().clone())
     for name, child in script.named_children():
         mirror.add_module(name, _twin_child(child, nonlinearity))
     return mirror

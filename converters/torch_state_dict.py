@@ -151,3 +151,53 @@ def linear_head(tensors: dict, keys: list, width: int, where: str) -> list:
         head.append([name.rstrip(".") or "weight", array(W), None if b is None else array(b), "identity"])
         width, index = W.shape[0], index + 1
     return head
+
+
+# ---- initial states: PyTorch's h0 / c0 <-> an edgernn state row -------------------------------------
+INITIAL_STATE_NAMES = ("h0", "c0")
+"""A trained initial state, by convention: a parameter or buffer ``h0`` (and, for an LSTM, ``c0``) of the
+module around the recurrent layer, or state dict entries ``[<prefix>.]h0`` / ``c0``. Shapes as PyTorch's
+``nn.LSTM(x, (h0, c0))`` takes them: (num_layers * directions, Hp) or with a batch axis of 1,
+(num_layers * directions, 1, Hp); c0 with ``hidden_size`` features."""
+
+
+def initial_state_row(layers, h0, c0, where: str) -> np.ndarray:
+    """PyTorch h0 / c0 (either may be None for zeros) of one recurrent module -> its (state_size,) state row."""
+    from .onnx_ops import pack_initial_state  # ONNX's initial_h per layer is PyTorch's h0 sliced by layer
+
+    first = layers[0]
+    count, D = len(layers), first.directions
+    if c0 is not None and first.cell != "lstm":
+        raise ConversionError(f"{where}: c0 given, but only an LSTM has a cell state (this is a {first.cell})")
+    parts = []
+    for value, width, what in ((h0, first.unit_output_size, "h0"), (c0, first.hidden_size, "c0")):
+        if value is None:
+            parts.append(None)
+            continue
+        value = array(value) if hasattr(value, "detach") else np.asarray(value, np.float32)  # a tensor, or not
+        shape = value.shape
+        if value.ndim == 2:
+            value = value[:, None, :]
+        if value.shape != (count * D, 1, width):
+            raise ConversionError(f"{where}: {what} has shape {tuple(shape)}; expected ({count * D}, {width}) "
+                                  f"or ({count * D}, 1, {width}): (num_layers * directions, [batch 1,] "
+                                  f"{'hidden_size' if what == 'c0' or not first.proj_size else 'proj_size'})")
+        parts.append(value)
+    h0, c0 = parts
+    rows = [pack_initial_state(layer, None if h0 is None else h0[k * D:(k + 1) * D],
+                               None if c0 is None else c0[k * D:(k + 1) * D], 1)[0]
+            for k, layer in enumerate(layers)]
+    return np.concatenate(rows)
+
+
+def initial_state_tensors(layers, row: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The inverse of `initial_state_row`: (h0 (num_layers * D, 1, Hp), c0 (num_layers * D, 1, H) or None)."""
+    from .onnx_ops import unpack_state
+
+    hs, cs, at = [], [], 0
+    for layer in layers:
+        h, c = unpack_state(layer, row[None, at:at + layer.state_size])
+        hs.append(h)
+        cs.append(c)
+        at += layer.state_size
+    return np.concatenate(hs), None if cs[0] is None else np.concatenate(cs)

@@ -2,8 +2,10 @@
 
     edgernn convert SRC -o OUT       PyTorch (state dict, pickled module, TorchScript, package.module:factory),
                                      ONNX or .ern in; an .ern file (--dtype float32|float16|int8) or an ONNX
-                                     step model (--to onnx, or OUT ending in .onnx) out
-    edgernn inspect FILE [--json]    layers, sizes, dtype, checksum, FLOPs per step, streamable or not
+                                     step model (--to onnx, or OUT ending in .onnx) out; --sample-rate HZ
+                                     and --rest-state idle|zeros|FILE.npy are stored in the file
+    edgernn inspect FILE [--json]    layers, sizes, dtype, checksum, FLOPs per step, streamable or not,
+                                     rest state and sample rate
     edgernn verify FILE --reference SRC
                                      the model and its source on the same sequences: max abs / rel error
                                      per output; exit 0 within --tolerance, 1 otherwise
@@ -89,6 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", choices=("ern", "onnx"),
                          help="output format (default: onnx when OUT ends in .onnx, else ern)")
     convert.add_argument("--no-verify", action="store_true", help="do not run a module source to check the result")
+    convert.add_argument("--sample-rate", type=_positive_float, metavar="HZ",
+                         help="samples per second the model was trained at, stored in the file (default: not set)")
+    convert.add_argument("--rest-state", type=_rest_state_option, metavar="idle|zeros|FILE.npy",
+                         help="the state every stream starts from: idle (where the state settles under a constant "
+                              "idle input: the training mean, or zeros), FILE.npy (the final state after a (T, "
+                              "input_size) calibration sequence, or a (state_size,) state as is) or zeros "
+                              "(default: the source's trained initial state, e.g. h0/c0, else zeros)")
     convert.set_defaults(run=_convert, parser=convert)
 
     inspect = commands.add_parser("inspect", parents=[common], help="describe an edgernn file")
@@ -217,6 +226,12 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _rest_state_option(text: str) -> str:
+    if text in ("idle", "zeros") or text.lower().endswith(".npy"):
+        return text
+    raise argparse.ArgumentTypeError(f"must be idle, zeros or a .npy file, got {text!r}")
+
+
 def _broker_address(text: str) -> tuple[str, int]:
     """``HOST:PORT``, ``HOST`` (port 1883) or ``[IPv6]:PORT`` -> (host, port)."""
     host, port = text, "1883"
@@ -300,6 +315,7 @@ def _convert(args) -> None:
         if not args.no_verify:
             _stage("converting, and running the source to verify the conversion")
         model = from_torch(args.source, verify=not args.no_verify, **_torch_options(args))
+    model, notes = _annotate(args, model)
     _stage(f"writing {args.output}")
     from .summary import one_line
 
@@ -318,6 +334,45 @@ def _convert(args) -> None:
     size = Path(args.output).stat().st_size
     print(f"wrote {args.output}: {one_line(model.spec)}; {model.spec.parameter_count():,} parameters, "
           f"{args.dtype}, {size:,} bytes, {metadata['checksum'][:19]}")
+    for line in notes:
+        print(line)
+
+
+def _annotate(args, model):
+    """Apply --sample-rate and --rest-state -> (the model, lines to print after the summary)."""
+    import dataclasses
+
+    from .model import Model
+    from .summary import rest_state_text, sample_rate_text
+
+    notes = []
+    if args.sample_rate is not None:
+        model = Model(dataclasses.replace(model.spec, sample_rate=args.sample_rate), model.weights)
+        notes.append(f"sample rate: {sample_rate_text(model.spec)}")
+    replaced = model.spec.rest_state == "trained" and args.rest_state is not None
+    if args.rest_state is not None:
+        model = _with_rest_state_option(model, args.rest_state)
+    if args.rest_state is not None or model.spec.rest_state != "zeros":
+        notes.append(f"rest state: {rest_state_text(model.spec)}"
+                     + ("; replaces the source's trained initial state" if replaced else ""))
+    return model, notes
+
+
+def _with_rest_state_option(model, option: str):
+    """``--rest-state idle|zeros|FILE.npy`` -> the model with that rest state; errors name the option."""
+    from . import rest_state
+
+    _stage(f"computing the rest state ({option})")
+    try:
+        if option == "zeros":
+            return rest_state.with_rest_state(model, None, "zeros")
+        if option == "idle":
+            settled = rest_state.settle(model)
+            return rest_state.with_rest_state(model, settled.state, "idle", settled.note)
+        state, origin, note = rest_state.read_npy(option, model)
+        return rest_state.with_rest_state(model, state, origin, note)
+    except EdgeRNNError as exc:
+        raise EdgeRNNError(f"--rest-state {option}: {exc}") from None
 
 
 # ---- inspect ----------------------------------------------------------------------------------------
@@ -543,9 +598,13 @@ def _compile(args) -> None:
 
     import numpy as np
 
+    from .jit import KERNELS, NUMBA_AVAILABLE
     from .model import PARALLEL_MIN_STREAMS, Model
     from .spec import ModelSpec, RecurrentLayer
 
+    if not NUMBA_AVAILABLE:
+        print(f"nothing to compile: the kernels are {KERNELS}")
+        return
     start = time.perf_counter()
     spec = ModelSpec(1, (RecurrentLayer("lstm", 1, 1),))
     model = Model(spec, {name: np.zeros(shape, np.float32) for name, shape in spec.tensor_shapes().items()})

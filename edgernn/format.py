@@ -13,10 +13,14 @@ Nothing in the file is executable; ``safetensors.safe_open`` reads it. Metadata 
 Storage per dtype (compute is float32 whatever the file holds; `read_model_file` returns float32):
   - ``float32``: every tensor as is; the round trip is exact.
   - ``float16``: every tensor as float16, except ``input.mean``/``input.std``, kept float32 because
-    sensor offsets (e.g. pressure in Pa) overflow or lose their resolution in float16.
+    sensor offsets (e.g. pressure in Pa) overflow or lose their resolution in float16, and
+    ``rest_state``, kept float32 so a stream starts from exactly the state that was computed.
   - ``int8``: the 2-D weight matrices (``layers.*.W``, ``layers.*.R``, ``head.*.W``) as int8 with a
     symmetric float32 scale per output row in ``<name>.scale`` (``scale = max|row| / 127``, 1 for a
-    zero row); biases and input normalisation stay float32.
+    zero row); biases, input normalisation and the rest state stay float32.
+
+The rest state (tensor ``rest_state``, present when the spec's ``rest_state`` is not ``"zeros"``) is a
+stored tensor like the weights, so the checksum covers it.
 
 Every problem reading a file raises `FormatError` naming the file.
 """
@@ -33,13 +37,13 @@ import safetensors.numpy
 
 from ._files import atomic_write_bytes
 from .errors import FormatError, SpecError
-from .spec import ModelSpec, check_weights
+from .spec import REST_STATE, ModelSpec, check_weights
 
 FORMAT_NAME = "edgernn"
 FORMAT_VERSION = "1"
 DTYPES = ("float32", "float16", "int8")
 SCALE_SUFFIX = ".scale"
-KEEP_FLOAT32 = ("input.mean", "input.std")
+KEEP_FLOAT32 = ("input.mean", "input.std", REST_STATE)
 """Tensors stored as float32 whatever the file's dtype (see the module docstring)."""
 
 _KIND_NAMES = {"edgernn": "an edgernn model file", "edgernn-snapshot": "an edgernn stream snapshot"}

@@ -1,4 +1,5 @@
-"""`Model`: a spec plus its weights, stepping streams one sample at a time through the Numba kernels.
+"""`Model`: a spec plus its weights, stepping streams one sample at a time through the Numba kernels
+(`edgernn.stack`; where numba cannot be imported, their NumPy equivalents in `edgernn.numpy_stack`).
 
     state = model.new_state()          # (state_size,) float32, the rest state
     y = model.step(x, state)           # x (I,) -> y (O,); state advanced in place
@@ -20,8 +21,9 @@ import numpy as np
 
 from . import stack
 from .errors import InputError, SpecError, StreamingError
+from .jit import NUMBA_AVAILABLE, thread_count
 from .plan import ALIGNMENT, aligned_zeros, pack
-from .spec import ModelSpec, check_weights
+from .spec import REST_STATE, ModelSpec, check_weights
 
 _F32_1D = "float32[::1]"
 _F32_2D = "float32[:, ::1]"
@@ -39,9 +41,15 @@ PARALLEL_MIN_STREAMS = 64
 """Batches smaller than this run on the calling thread: waking the thread pool costs more than it saves."""
 
 
+if NUMBA_AVAILABLE:
+    _kernels = stack
+else:  # numba is not importable (edgernn.jit has warned): the same kernels in NumPy, slower
+    from . import numpy_stack as _kernels
+
+
 def _kernel(name: str):
     """The named kernel, compiled (or loaded from Numba's cache) for its one signature on first use."""
-    dispatcher = getattr(stack, name)
+    dispatcher = getattr(_kernels, name)
     if not hasattr(dispatcher, "signatures"):  # NUMBA_DISABLE_JIT=1 (coverage runs): plain Python
         return dispatcher
     if not dispatcher.signatures:
@@ -75,7 +83,10 @@ class Model:
         plan = pack(spec, self.weights)
         self._packed, self._meta = plan.weights, plan.meta
         self.input_size, self.output_size, self.state_size = spec.input_size, spec.output_size, spec.state_size
-        self._rest_state = np.zeros(self.state_size, np.float32)
+        # The state every stream starts from (and a reset returns to): the file's, else zeros.
+        self._rest_state = self.weights.get(REST_STATE, np.zeros(self.state_size, np.float32)).copy()
+        self.sample_period = spec.sample_period
+        """Seconds between samples (``1 / spec.sample_rate``), or None when the model does not say."""
         # Scratch, allocated once. Kernels hold the GIL, so one stream's scratch is never shared by two
         # running calls; the batched kernels' scratch and row marks are guarded by a lock.
         self._work = aligned_zeros(stack.work_size(self._meta, 1))
@@ -93,7 +104,9 @@ class Model:
 
     # ---- states --------------------------------------------------------------------------------
     def new_state(self, batch: int | None = None) -> np.ndarray:
-        """The rest state: (state_size,) float32, or (batch, state_size) for ``batch`` streams."""
+        """The rest state: (state_size,) float32, or (batch, state_size) for ``batch`` streams.
+
+        The model file's rest state (``spec.rest_state`` says where it came from), else zeros."""
         if batch is None:
             return self._rest_state.copy()
         if isinstance(batch, bool) or not isinstance(batch, int | np.integer) or batch < 0:
@@ -209,11 +222,9 @@ class Model:
     def _tiles_work(self) -> np.ndarray:
         """Scratch for the batched kernels: one row per Numba thread, allocated once."""
         if self._tile_work is None:
-            import numba
-
             size = stack.work_size(self._meta, stack.TILE)
             size += -size % (ALIGNMENT // 4)  # every thread's row starts on its own cache line
-            self._tile_work = aligned_zeros((numba.config.NUMBA_NUM_THREADS, size))
+            self._tile_work = aligned_zeros((thread_count(), size))
         return self._tile_work
 
     # ---- errors --------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ name                    shape              meaning
 ``head.{j}.b``          (out,)             dense bias (only when ``bias``)
 ``input.mean``          (I,)               input normalisation ``(x - mean) / std``
 ``input.std``           (I,)               (only when ``normalize``)
+``rest_state``          (state_size,)      the state a stream starts from (only when ``rest_state``
+                                           is not ``"zeros"``; see `REST_STATE_ORIGINS`)
 ======================  =================  =================================================
 
 Canonical gate order (G gates of H units each):
@@ -32,6 +34,11 @@ Canonical gate order (G gates of H units each):
     With ``coupled_input_forget`` (G=3): i, g, o, and f = 1 - i.
 
 State layout per stream: layer after layer, each direction's h (Hp floats) then, for an LSTM, c (H).
+
+Fields added after version 2 (``sample_rate``, ``rest_state``, ``rest_state_note``) are optional and
+written only when set: a spec without them is the same JSON as before (the same model fingerprint, so
+stream snapshots and journals stay valid), and an older edgernn refuses a spec that uses them by the
+field's name rather than silently starting streams from zeros.
 """
 
 from __future__ import annotations
@@ -51,6 +58,17 @@ CELLS = {"rnn": 1, "leaky": 1, "mgu": 2, "gru": 3, "lstm": 4}
 """Cell family -> number of gate blocks G (an LSTM with a coupled input-forget gate has 3)."""
 
 DIRECTIONS = ("forward", "reverse", "bidirectional")
+
+REST_STATE = "rest_state"
+"""Name of the tensor holding the rest state, (state_size,) float32."""
+REST_STATE_ORIGINS = {
+    # origin: how `edgernn inspect` names it. Only "zeros" has no tensor.
+    "zeros": "zeros",
+    "trained": "trained",                 # a learned initial state (PyTorch h0/c0, ONNX initial_h/initial_c)
+    "idle": "idle",                       # settled under a constant idle input (`edgernn.rest_state.settle`)
+    "calibration": "calibration file",    # the final state after a calibration sequence
+    "given": "state file",                # a state given as is
+}
 
 ACTIVATION_DEFAULTS = {
     # name: (alpha, beta) -- ONNX's defaults for the recurrent operators' activation functions.
@@ -298,11 +316,19 @@ class ModelSpec:
     """When true the model applies ``(x - input.mean) / input.std`` before the first layer."""
     name: str = ""
     version: int = field(default=SPEC_VERSION)
+    sample_rate: float | None = None
+    """Samples per second (Hz) the model was trained at, or None when unknown (`sample_period`)."""
+    rest_state: str = "zeros"
+    """Where the state a stream starts from came from (`REST_STATE_ORIGINS`); not "zeros": tensor ``rest_state``."""
+    rest_state_note: str = ""
+    """A few words on how the rest state was made (``converged after 412 steps``), shown by ``edgernn inspect``."""
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(_list_of(self.layers, "layers")))
         object.__setattr__(self, "head", tuple(_list_of(self.head, "head")))
         _plain_ints(self, "input_size", "version")
+        if isinstance(self.sample_rate, int | np.integer | np.floating) and not isinstance(self.sample_rate, bool):
+            object.__setattr__(self, "sample_rate", float(self.sample_rate))
         self.validate()
 
     # ---- derived sizes -------------------------------------------------------------------------
@@ -314,6 +340,11 @@ class ModelSpec:
     def state_size(self) -> int:
         """Floats of recurrent state per stream: every layer's h (and c), concatenated in layer order."""
         return sum(layer.state_size for layer in self.layers)
+
+    @property
+    def sample_period(self) -> float | None:
+        """Seconds between samples (``1 / sample_rate``), or None when the sample rate is not set."""
+        return None if self.sample_rate is None else 1.0 / self.sample_rate
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """The weight tensors this spec needs, by name, with their shapes (see the module docstring)."""
@@ -327,11 +358,16 @@ class ModelSpec:
             shapes[f"head.{index}.W"] = (dense.out_features, dense.in_features)
             if dense.bias:
                 shapes[f"head.{index}.b"] = (dense.out_features,)
+        if self.rest_state != "zeros":
+            shapes[REST_STATE] = (self.state_size,)
         return shapes
 
     def parameter_count(self) -> int:
+        """Weights, biases and normalisation; the rest state is a state, not counted."""
         count = 0
-        for shape in self.tensor_shapes().values():
+        for name, shape in self.tensor_shapes().items():
+            if name == REST_STATE:
+                continue
             size = 1
             for dim in shape:
                 size *= dim
@@ -369,6 +405,15 @@ class ModelSpec:
         _check_bool("normalize", self.normalize)
         if not isinstance(self.name, str):
             raise SpecError(f"name: must be a string, got {self.name!r}")
+        if self.sample_rate is not None:
+            _check_finite_number("sample_rate", self.sample_rate)
+            if self.sample_rate <= 0:
+                raise SpecError(f"sample_rate: must be > 0 Hz (or null when unknown), got {self.sample_rate!r}")
+        _check_choice("rest_state", self.rest_state, tuple(REST_STATE_ORIGINS))
+        if not isinstance(self.rest_state_note, str):
+            raise SpecError(f"rest_state_note: must be a string, got {self.rest_state_note!r}")
+        if self.rest_state == "zeros" and self.rest_state_note:
+            raise SpecError("rest_state_note: a zeros rest state takes no note")
         if not self.layers:
             raise SpecError("layers: a model needs at least one recurrent layer")
         width, source = self.input_size, "input_size"
@@ -391,7 +436,11 @@ class ModelSpec:
 
     # ---- JSON round trip -----------------------------------------------------------------------
     def to_dict(self) -> dict:
+        """Fields added after version 2 are left out at their defaults (see the module docstring)."""
         data = dataclasses.asdict(self)
+        for name, default in _OPTIONAL_FIELDS.items():
+            if data[name] == default:
+                del data[name]
         for layer, item in zip(self.layers, data["layers"]):
             item["activations"] = [a.to_json_value() for a in layer.activations]
         for dense, item in zip(self.head, data["head"]):
@@ -422,6 +471,10 @@ class ModelSpec:
         except (TypeError, ValueError) as exc:
             raise SpecError(f"spec: not valid JSON ({exc})") from None
         return cls.from_dict(data)
+
+
+_OPTIONAL_FIELDS = {"sample_rate": None, "rest_state": "zeros", "rest_state_note": ""}
+"""Fields written only when they differ from these defaults."""
 
 
 def check_weights(spec: ModelSpec, weights: dict) -> dict[str, np.ndarray]:

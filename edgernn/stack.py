@@ -16,7 +16,6 @@ spread over threads with ``prange``.
 import math
 
 import numpy as np
-from numba import get_thread_id, njit, prange
 
 from .cells.activations import INLINE_OPTIONS, KERNEL_OPTIONS
 from .cells.dense import dense_layer
@@ -25,6 +24,7 @@ from .cells.leaky import leaky_layer
 from .cells.lstm import lstm_layer
 from .cells.mgu import mgu_layer
 from .cells.rnn import rnn_layer
+from .jit import get_thread_id, njit, prange
 from .plan import (
     F_COUPLED, F_REVERSE, F_SECOND, GRU, GRU_RESET_FIRST, H_DENSE, H_INPUT, H_MAX_DENSE, H_MAX_GATES,
     H_MAX_HIDDEN, H_MAX_WIDTH, H_MEAN, H_NORMALIZE, H_OUTPUT, H_STATE, H_STD, H_UNITS, HEADER, LEAKY, LSTM,

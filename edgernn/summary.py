@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .format import read_model_file, read_tensor_file
-from .spec import ModelSpec, RecurrentLayer
+from .spec import REST_STATE_ORIGINS, ModelSpec, RecurrentLayer
 
 
 def summarize(path) -> tuple[dict, ModelSpec]:
@@ -38,6 +38,10 @@ def spec_summary(spec: ModelSpec) -> dict:
         "parameters": spec.parameter_count(),
         "flops_per_step": spec.flops_per_step(),
         "streamable": spec.streamable,
+        "sample_rate": spec.sample_rate,
+        "sample_period": spec.sample_period,
+        "rest_state": spec.rest_state,
+        "rest_state_note": spec.rest_state_note,
         "layers": [_layer(layer) for layer in spec.layers],
         "head": [{"in_features": d.in_features, "out_features": d.out_features, "bias": d.bias,
                   "activation": str(d.activation)} for d in spec.head],
@@ -75,6 +79,21 @@ def variants(layer: RecurrentLayer) -> list[str]:
     if not layer.bias:
         words.append("no bias")
     return words
+
+
+def sample_rate_text(spec: ModelSpec) -> str:
+    """``50 Hz (period 20 ms)``, or ``not set``."""
+    if spec.sample_rate is None:
+        return "not set"
+    period = spec.sample_period
+    period_text = f"{period * 1000:.4g} ms" if period < 1 else f"{period:.4g} s"
+    return f"{spec.sample_rate:.6g} Hz (period {period_text})"
+
+
+def rest_state_text(spec: ModelSpec) -> str:
+    """Where a stream's starting state comes from: ``idle (converged after 412 steps)``, ``zeros``, ..."""
+    text = REST_STATE_ORIGINS[spec.rest_state]
+    return f"{text} ({spec.rest_state_note})" if spec.rest_state_note else text
 
 
 def layer_text(layer: RecurrentLayer) -> str:
@@ -121,6 +140,8 @@ def render(summary: dict, spec: ModelSpec) -> str:
         ("head", head or ["-"]),
         ("output", str(spec.output_size)),
         ("state", f"{spec.state_size} floats per stream"),
+        ("rest state", rest_state_text(spec)),
+        ("sample rate", sample_rate_text(spec)),
         ("parameters", f"{summary['parameters']:,}"),
         ("dtype", summary["dtype"]),
         ("file size", f"{summary['file_size']:,} bytes"),

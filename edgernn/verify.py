@@ -260,15 +260,18 @@ def _ort_run(session, feeds: dict, path):
 
 def compare(model, reference: Reference, sequences, tolerance: float, progress=None) -> Result:
     """Run every sequence through ``reference``, `Model.run` and (streamable models) `Model.step`."""
+    from .rest_state import source_start
+
     outputs = model.output_size
     abs_err, scale = np.zeros(outputs), np.zeros(outputs)
     stream_err = np.zeros(outputs) if model.spec.streamable else None
     steps = 0
+    start = source_start(model)  # a rest state edgernn computed (idle, calibration) is not the source's start
     for index, (label, xs) in enumerate(sequences):
         if progress:
             progress(index, len(sequences), label)
         ref = np.asarray(reference.run(xs), np.float64)
-        ran = model.run(xs, model.new_state()).astype(np.float64)
+        ran = model.run(xs, start.copy()).astype(np.float64)
         if ref.shape not in ((len(xs), outputs), (1, outputs)):
             raise ConversionError(f"{reference.description}: gave shape {ref.shape} for {label} "
                                   f"({len(xs)} steps); the model gives ({len(xs)}, {outputs})")
@@ -276,7 +279,7 @@ def compare(model, reference: Reference, sequences, tolerance: float, progress=N
         abs_err = np.maximum(abs_err, _max_abs(ran[last:] - ref))  # NaN propagates
         scale = np.fmax(scale, np.max(np.abs(ref), axis=0))
         if stream_err is not None:
-            state = model.new_state()
+            state = start.copy()
             stepped = np.stack([model.step(x, state) for x in xs]).astype(np.float64)
             stream_err = np.maximum(stream_err, _max_abs(stepped[last:] - ref))
         steps += len(xs)

@@ -16,6 +16,7 @@ import numpy as np
 
 import edgernn
 from edgernn.errors import FormatError
+from edgernn.jit import KERNELS
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ class NumbaBackend:
     def __init__(self, model):
         self.model = model
         self.device = "cpu"
+        # "kernels: numba", or "kernels: numpy (numba is not importable (...))" where numba is missing
+        log.info("kernels: %s", KERNELS, extra={"event": "backend", "kernels": KERNELS.split()[0]})
 
     def step_batch(self, states: np.ndarray, slots: np.ndarray, X: np.ndarray) -> np.ndarray:
         return self.model.step_batch(states, slots, X, parallel=len(slots) >= PARALLEL_MIN_ROWS)

@@ -6,9 +6,9 @@ inputs; and a tile of S streams shares each weight row while it sits in L1 (PERF
 """
 
 import numpy as np
-from numba import njit
 
-from .activations import KERNEL_OPTIONS, SOFTMAX, activate_into, activation_reference
+from ..jit import njit
+from .activations import KERNEL_OPTIONS, SOFTMAX, activate_into, activate_numpy, activation_reference, exp_numpy
 
 
 @njit(**KERNEL_OPTIONS)
@@ -100,3 +100,44 @@ def dense_layer(inp, WT, b, activation, alpha, beta, out, S, K, N):
 def dense_reference(x, W, b, activation, alpha=0.0, beta=0.0):
     """y = activation(W x + b) for one sample, in NumPy (the oracle)."""
     return activation_reference(activation, alpha, beta)(W @ x + (0.0 if b is None else b))
+
+
+# ---- NumPy kernels (`edgernn.numpy_stack`, where numba is missing) ---------------------------------------
+_MAX_TERMS = 1 << 20
+"""Products `matmul_numpy` holds at once (4 MiB): a large batch is summed a slice of streams at a time."""
+
+
+def matmul_numpy(A, WT):
+    """A (S, K) @ WT (K, N), summed over K in a fixed pairwise order rather than BLAS's (which depends on S
+    and on the machine), so a row's bits depend on that row alone: a stream gets the same result whether it
+    steps alone or in a batch, as with the Numba kernels."""
+    S, K = A.shape
+    out = np.zeros((S, WT.shape[1]), np.float32)
+    rows = max(1, _MAX_TERMS // max(1, K * WT.shape[1]))
+    for first in range(0, S if K else 0, rows):
+        terms = A[first:first + rows, :, None] * WT  # (rows, K, N): exact float32 products
+        while terms.shape[1] > 1:
+            half = terms.shape[1] // 2
+            summed = terms[:, :half] + terms[:, half:2 * half]
+            if terms.shape[1] % 2:
+                summed[:, 0] += terms[:, 2 * half]
+            terms = summed
+        out[first:first + rows] = terms[:, 0]
+    return out
+
+
+def gate_preactivations_numpy(inp, h, WT, RT, bW, bR):
+    """`gate_preactivations` on 2-D arrays: inp (S, I) @ WT (I, G) + Wb + h (S, H) @ RT (H, G) + Rb -> (S, G)."""
+    return (bW + bR) + matmul_numpy(inp, WT) + matmul_numpy(h, RT)
+
+
+def dense_layer_numpy(inp, WT, b, activation, alpha, beta):
+    """`dense_layer` on 2-D arrays: activation(inp (S, K) @ WT (K, N) + b) -> a new (S, N) array."""
+    o = b + matmul_numpy(inp, WT)
+    if activation != SOFTMAX:
+        return activate_numpy(o, activation, alpha, beta)
+    e = exp_numpy(o - o.max(axis=1, keepdims=True))
+    total = e[:, 0].copy()
+    for j in range(1, e.shape[1]):  # one output at a time, as the Numba kernel adds them
+        total += e[:, j]
+    return e / total[:, None]

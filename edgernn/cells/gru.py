@@ -8,10 +8,10 @@
 """
 
 import numpy as np
-from numba import njit
 
-from .activations import KERNEL_OPTIONS, clip_reference, gate, sigmoid_reference
-from .dense import matmul_acc
+from ..jit import njit
+from .activations import KERNEL_OPTIONS, clip_reference, gate, gate_numpy, sigmoid_reference
+from .dense import matmul_acc, matmul_numpy
 
 
 def gru_reference(x, h, W, R, Wb, Rb, linear_before_reset=True, f=sigmoid_reference, g=np.tanh, clip=None):
@@ -75,3 +75,24 @@ def gru_layer(inp, h, WT, RT, bW, bR, linear_before_reset, acts, params, gx, gh,
         gate(x_n, acts[1], params[2], params[3], params[6])  # n
         for j in range(H):
             h_s[j] = (np.float32(1.0) - x_z[j]) * x_n[j] + x_z[j] * h_s[j]  # h' = (1 - z) n + z h
+
+
+def gru_layer_numpy(inp, h, WT, RT, bW, bR, linear_before_reset, acts, params):
+    """`gru_layer` in NumPy, where numba is missing: inp (S, I), h (S, H) advanced in place; WT (I, 3H),
+    RT (H, 3H)."""
+    H = h.shape[1]
+    gx = bW + matmul_numpy(inp, WT)
+    x_r, x_z, x_n = gx[:, :H], gx[:, H:2 * H], gx[:, 2 * H:]
+    if linear_before_reset:
+        gh = bR + matmul_numpy(h, RT)
+    else:  # n's recurrent term comes after r: only the r and z blocks now
+        gh = bR[:2 * H] + matmul_numpy(h, RT[:, :2 * H])
+    x_r += gh[:, :H]
+    x_z += gh[:, H:2 * H]
+    gate_numpy(gx[:, :2 * H], acts[0], params[0], params[1], params[6])  # r, z
+    if linear_before_reset:
+        x_n += x_r * gh[:, 2 * H:]  # W_n x + Wb_n + r * (R_n h + Rb_n)
+    else:
+        x_n += bR[2 * H:] + matmul_numpy(x_r * h, RT[:, 2 * H:])  # R_n (r * h) + Rb_n
+    gate_numpy(x_n, acts[1], params[2], params[3], params[6])  # n
+    h[...] = (np.float32(1.0) - x_z) * x_n + x_z * h  # h' = (1 - z) n + z h

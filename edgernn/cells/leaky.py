@@ -7,10 +7,10 @@ R are a fixed random reservoir and only the dense head is trained (`edgernn.rese
 """
 
 import numpy as np
-from numba import njit
 
-from .activations import KERNEL_OPTIONS, clip_reference, gate
-from .dense import gate_preactivations
+from ..jit import njit
+from .activations import KERNEL_OPTIONS, clip_reference, gate, gate_numpy
+from .dense import gate_preactivations, gate_preactivations_numpy
 
 
 def leaky_reference(x, h, W, R, Wb, Rb, leak, f=np.tanh, clip=None):
@@ -31,3 +31,10 @@ def leaky_layer(inp, h, WT, RT, bW, bR, leak, acts, params, gates, S, I, H):
         h_s, a_s = h[s * H:(s + 1) * H], a[s * H:(s + 1) * H]
         for j in range(H):
             h_s[j] += leak[j] * (a_s[j] - h_s[j])  # (1 - leak) h + leak f(...)
+
+
+def leaky_layer_numpy(inp, h, WT, RT, bW, bR, leak, acts, params):
+    """`leaky_layer` in NumPy, where numba is missing: 2-D arrays as in `edgernn.cells.rnn.rnn_layer_numpy`."""
+    a = gate_preactivations_numpy(inp, h, WT, RT, bW, bR)
+    gate_numpy(a, acts[0], params[0], params[1], params[6])
+    h += leak * (a - h)

@@ -13,10 +13,12 @@ h' = proj @ (o * tanh(c')), of proj_size floats. ONNX's clip bounds every gate's
 """
 
 import numpy as np
-from numba import njit
 
-from .activations import KERNEL_OPTIONS, TANH, activate_into, clip_reference, gate, sigmoid_reference, tanh
-from .dense import gate_preactivations, matmul_acc
+from ..jit import njit
+from .activations import (
+    KERNEL_OPTIONS, TANH, activate_into, activate_numpy, clip_reference, gate, gate_numpy, sigmoid_reference, tanh,
+)
+from .dense import gate_preactivations, gate_preactivations_numpy, matmul_acc, matmul_numpy
 
 
 def lstm_reference(x, h, c, W, R, Wb, Rb, P=None, proj=None, coupled=False,
@@ -93,3 +95,27 @@ def lstm_layer(inp, h, c, WT, RT, bW, bR, weights, peep_at, proj_at, coupled, ac
         for j in range(S * HP):
             h[j] = np.float32(0.0)
         matmul_acc(hc, weights[proj_at:proj_at + H * HP], h, S, H, HP)
+
+
+def lstm_layer_numpy(inp, h, c, WT, RT, bW, bR, P, projT, coupled, acts, params):
+    """`lstm_layer` in NumPy, where numba is missing: inp (S, I); h (S, HP), c (S, H) advanced in place;
+    WT (I, G*H), RT (HP, G*H); peepholes ``P`` (i, f, o or i, o when coupled) and the transposed projection
+    ``projT`` (H, HP), or None."""
+    H = c.shape[1]
+    gates = gate_preactivations_numpy(inp, h, WT, RT, bW, bR)
+    i, f = gates[:, :H], gates[:, H:2 * H]  # f is g's block when coupled, and unused
+    g, o = (gates[:, H:2 * H], gates[:, 2 * H:]) if coupled else (gates[:, 2 * H:3 * H], gates[:, 3 * H:])
+    if P is not None:  # i += P_i * c, f += P_f * c (the previous c)
+        i += P[:H] * c
+        if not coupled:
+            f += P[H:2 * H] * c
+    bound = params[6]
+    gate_numpy(gates[:, :H] if coupled else gates[:, :2 * H], acts[0], params[0], params[1], bound)  # i (and f)
+    gate_numpy(g, acts[1], params[2], params[3], bound)
+    forget = np.float32(1.0) - i if coupled else f
+    c[...] = forget * c + i * g
+    if P is not None:  # o += P_o * c'
+        o += P[-H:] * c
+    gate_numpy(o, acts[0], params[0], params[1], bound)
+    out = o * activate_numpy(c, acts[2], params[4], params[5])
+    h[...] = out if projT is None else matmul_numpy(out, projT)  # h = proj @ (o * h(c'))

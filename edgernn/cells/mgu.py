@@ -10,10 +10,10 @@ The kernel keeps each gate's weights as its own transposed block (``WT = [W_f^T 
 """
 
 import numpy as np
-from numba import njit
 
-from .activations import KERNEL_OPTIONS, clip_reference, gate, sigmoid_reference
-from .dense import gate_preactivations, matmul_acc
+from ..jit import njit
+from .activations import KERNEL_OPTIONS, clip_reference, gate, gate_numpy, sigmoid_reference
+from .dense import gate_preactivations, gate_preactivations_numpy, matmul_acc, matmul_numpy
 
 
 def mgu_reference(x, h, W, R, Wb, Rb, f=sigmoid_reference, g=np.tanh, clip=None):
@@ -49,3 +49,14 @@ def mgu_layer(inp, h, WT, RT, bW, bR, acts, params, gates, fh, S, I, H):
     gate(n, acts[1], params[2], params[3], params[6])  # n
     for j in range(S * H):
         h[j] += f[j] * (n[j] - h[j])  # (1 - f) h + f n
+
+
+def mgu_layer_numpy(inp, h, WT, RT, bW, bR, acts, params):
+    """`mgu_layer` in NumPy, where numba is missing: inp (S, I), h (S, H) advanced in place; WT (2, I, H) and
+    RT (2, H, H), the f block then the n block."""
+    H = h.shape[1]
+    f = gate_preactivations_numpy(inp, h, WT[0], RT[0], bW[:H], bR[:H])
+    gate_numpy(f, acts[0], params[0], params[1], params[6])
+    n = (bW[H:] + bR[H:]) + matmul_numpy(inp, WT[1]) + matmul_numpy(f * h, RT[1])  # R_n (f * h)
+    gate_numpy(n, acts[1], params[2], params[3], params[6])
+    h += f * (n - h)  # (1 - f) h + f n

@@ -6,10 +6,10 @@ streams (weights transposed: WT (I, H), RT (H, H)), which advances ``h`` in plac
 """
 
 import numpy as np
-from numba import njit
 
-from .activations import KERNEL_OPTIONS, clip_reference, gate
-from .dense import gate_preactivations
+from ..jit import njit
+from .activations import KERNEL_OPTIONS, clip_reference, gate, gate_numpy
+from .dense import gate_preactivations, gate_preactivations_numpy
 
 
 def rnn_reference(x, h, W, R, Wb, Rb, f=np.tanh, clip=None):
@@ -30,3 +30,11 @@ def rnn_layer(inp, h, WT, RT, bW, bR, acts, params, gates, S, I, H):
     gate(a, acts[0], params[0], params[1], params[6])
     for j in range(S * H):
         h[j] = a[j]
+
+
+def rnn_layer_numpy(inp, h, WT, RT, bW, bR, acts, params):
+    """`rnn_layer` in NumPy, where numba is missing: inp (S, I), h (S, H) advanced in place; WT (I, H),
+    RT (H, H)."""
+    a = gate_preactivations_numpy(inp, h, WT, RT, bW, bR)
+    gate_numpy(a, acts[0], params[0], params[1], params[6])
+    h[...] = a
