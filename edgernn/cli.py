@@ -11,6 +11,9 @@
                                      per output; exit 0 within --tolerance, 1 otherwise
     edgernn stream FILE [--csv IN]   CSV samples in, one prediction per line out (bad lines skipped)
     edgernn compile                  fill Numba's cache now (e.g. at install), not at the first start
+    edgernn warmup --config FILE     compile every kernel the configured models need into the config's
+                                     compile cache, check that a second process loads them, print the
+                                     cold and warm time from process start to first prediction (--json FILE)
     edgernn serve --config FILE      the MQTT daemon: one prediction per message, state kept per stream
                                      (--check: load the config and models, print the config, exit)
     edgernn simulate --devices N --rate HZ --profile imu --broker HOST:PORT --duration S
@@ -200,6 +203,16 @@ def _parser() -> argparse.ArgumentParser:
     compile_ = commands.add_parser("compile", parents=[common],
                                    help="compile the kernels into Numba's cache (one time, any model)")
     compile_.set_defaults(run=_compile)
+
+    warmup = commands.add_parser(
+        "warmup", parents=[common], help="fill the daemon's compile cache for its configured models, and check it",
+        description="In a fresh process with the config's compile cache, load every configured model and step it "
+                    "once (as `edgernn serve` does before it serves); if that compiled anything, a second "
+                    "process must load everything from the cache. Prints each process's time from its start to "
+                    "the first prediction; exit 1 if the cache does not work.")
+    warmup.add_argument("--config", required=True, metavar="FILE", help="the daemon's TOML config")
+    warmup.add_argument("--json", metavar="FILE", help="also write the times and compile counts to FILE as JSON")
+    warmup.set_defaults(run=_warmup)
     return parser
 
 
@@ -489,14 +502,17 @@ def _stream(args) -> int:
 
 def _serve(args) -> int:
     from edgernn.runtime.config import load_config, redacted
+
+    config = load_config(args.config)
+    cache_origin = _use_compile_cache(config)  # before the daemon's modules import numba, which reads it once
     from edgernn.runtime.daemon import Daemon, check
     from edgernn.runtime.logs import setup_logging
 
-    config = load_config(args.config)
     if args.check:
         print(json.dumps(redacted(config), indent=2, default=str))
         for line in check(config):
             print(f"edgernn: {line}", file=sys.stderr)  # stdout stays the config, as JSON
+        print(f"edgernn: {_compile_cache_line(cache_origin)}", file=sys.stderr)
         return 0
     setup_logging("debug" if args.debug else config.log.level, config.log.format)
     logging.getLogger("edgernn").propagate = False  # one line per event: not again through main's stderr handler
@@ -615,6 +631,50 @@ def _compile(args) -> None:
     model = Model(spec, {name: np.zeros(shape, np.float32) for name, shape in spec.tensor_shapes().items()})
     model.run(np.zeros((1, 1), np.float32), model.new_state())
     print(f"kernels compiled and cached in {time.perf_counter() - start:.1f} s")
+
+
+def _use_compile_cache(config) -> str:
+    """Set NUMBA_CACHE_DIR from the config (runtime/compile_cache.py says which wins) before numba loads;
+    returns where the directory came from, in words."""
+    from edgernn.runtime.compile_cache import use_compile_cache
+
+    return use_compile_cache(config.state)[1]
+
+
+def _compile_cache_line(origin: str) -> str:
+    """Where this process's Numba really caches kernels (read back from numba), and why there."""
+    from edgernn.runtime.compile_cache import numba_cache_in_use
+
+    in_use = numba_cache_in_use()
+    if in_use is None:
+        return "compile cache: not used (the NumPy kernels run: nothing to compile)"
+    return f"compile cache: {in_use} ({origin})"
+
+
+def _warmup(args) -> int:
+    from edgernn.runtime.config import load_config
+
+    config = load_config(args.config)
+    from edgernn.jit import KERNELS, NUMBA_AVAILABLE  # the children get the compile cache in their environment
+    from edgernn.runtime.warmup import warm_up
+
+    if not NUMBA_AVAILABLE:
+        print(f"nothing to compile: the kernels are {KERNELS}")
+        return 0
+    result = warm_up(config)
+    print(f"compile cache: {result.cache_dir} ({result.origin})")
+    for label, run in zip(("first", "second"), result.runs):
+        what = (f"loaded {run.loaded} kernel(s) from the cache, compiled none" if run.warm
+                else f"compiled {run.compiled} kernel(s)")
+        print(f"{label} process ({'warm' if run.warm else 'cold'}): {run.first_prediction:.2f} s from process start "
+              f"to the first prediction ({run.cpu_to_first_prediction:.2f} s CPU), {run.total:.2f} s in all ({what})")
+    if result.runs[0].loaded == result.runs[0].compiled == 0:
+        print("no Numba kernels needed: every pipeline runs on onnxruntime")
+    elif result.runs[0].warm:
+        print("the cache was warm already: nothing compiled")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.as_dict(), indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":

@@ -357,14 +357,22 @@ class Encoder:
 
     JSON floats are written with 9 significant digits, enough for every float32 to parse back to itself;
     NaN and infinities become null (JSON has none). ``seq`` and ``ts`` are left out when None.
+    With a ``warm_field`` (a pipeline's ``warmup_steps`` with ``warmup_policy = "mark"``), a prediction
+    encoded with ``warm=False`` carries ``"warm": false`` after ``y``; a warm one carries nothing more, so
+    it reads exactly as without warm-up (a consumer checks ``payload.get("warm", True)``).
     """
 
     def __init__(self, output_format: str = "json", *, y_field: str = Y_FIELD, seq_field: str = SEQ_FIELD,
-                 ts_field: str = TS_FIELD, key_field: str = KEY_FIELD):
+                 ts_field: str = TS_FIELD, key_field: str = KEY_FIELD, warm_field: str | None = None):
         if output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output_format: must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
-        names = [y_field, seq_field, ts_field, key_field]
-        for option, name in zip(("y_field", "seq_field", "ts_field", "key_field"), names):
+        options = {"y_field": y_field, "seq_field": seq_field, "ts_field": ts_field, "key_field": key_field}
+        if warm_field is not None:
+            if output_format != "json":
+                raise ValueError(f"warm_field: only for output_format 'json', not {output_format!r}")
+            options["warm_field"] = warm_field
+        names = list(options.values())
+        for option, name in options.items():
             _check_name(option, name)
         if len(set(names)) != len(names):
             raise ValueError(f"field names must differ: {names}")
@@ -373,9 +381,13 @@ class Encoder:
         self._seq = "," + json.dumps(seq_field) + ":"
         self._ts = "," + json.dumps(ts_field) + ":"
         self._key = "," + json.dumps(key_field) + ":"
+        self._cold = None if warm_field is None else "," + json.dumps(warm_field) + ":false"
 
-    def encode(self, key: str, y: np.ndarray, seq: int | None, ts: float | None) -> bytes:
-        """The payload of one prediction; ``y`` is (output_size,) float32."""
+    def encode(self, key: str, y: np.ndarray, seq: int | None, ts: float | None, warm: bool = True) -> bytes:
+        """The payload of one prediction; ``y`` is (output_size,) float32; ``warm=False`` marks it (class
+        docstring; refused without a ``warm_field``)."""
+        if not warm and self._cold is None:
+            raise ValueError("warm=False needs an Encoder made with a warm_field (JSON output)")
         if self.output_format == "raw":
             return np.ascontiguousarray(y, dtype="<f4").tobytes()
         if y.dtype != np.float32:
@@ -384,6 +396,8 @@ class Encoder:
         if "n" in body:  # 'nan' or 'inf': numbers are written with digits, '.', '-', '+' and 'e' only
             body = ",".join(["%.9g" % v if math.isfinite(v) else "null" for v in y.tolist()])
         parts = [self._open, body, "]"]
+        if not warm:
+            parts.append(self._cold)
         if seq is not None:
             parts += [self._seq, "%d" % seq]
         if ts is not None:

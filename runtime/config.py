@@ -107,6 +107,8 @@ class PipelineConfig:
     key_level: int | None = None
     seq_gap: str = "ignore"
     idle_reset: float = 0.0
+    warmup_steps: int = 0
+    warmup_policy: str = "mark"
     max_streams: int = 100_000
     max_payload_bytes: int = 65536
     dead_letter: str | None = None
@@ -127,6 +129,9 @@ class StateConfig:
     snapshot_interval: float = 30.0
     durability: str = "snapshot"
     journal_fsync: bool = True
+    # Numba's compiled kernels; None: NUMBA_CACHE_DIR from the environment, else <dir>/numba-cache
+    # (runtime/compile_cache.py decides, before numba is imported).
+    compile_cache: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,6 +295,8 @@ def _parse_pipelines(top: _Table) -> tuple[PipelineConfig, ...]:
 
 
 PIPELINE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+WARM_FIELD = "warm"
+"""The field that marks a JSON prediction made during ``warmup_steps`` (``"warm": false``)."""
 """Pipeline names: they name files in the state dir and label metrics."""
 
 
@@ -324,6 +331,9 @@ def _parse_pipeline(t: _Table) -> PipelineConfig:
         raise t.invalid("key_field", f"{_quote(key_field)} must be one of csv_columns to be read from a CSV line")
     dead_letter = _topic_template(t, "dead_letter", ("pipeline",), default=None)
     publish = _topic_template(t, "publish", ("key", "pipeline"))
+    output_format = t.string("output_format", "json", choices=("json", "raw"))
+    warmup_steps, warmup_policy = _warmup(t, output_format, {"y_field": y_field, "seq_field": seq_field,
+                                                             "ts_field": ts_field})
     return PipelineConfig(
         name=name,
         model=t.path("model"),
@@ -333,7 +343,7 @@ def _parse_pipeline(t: _Table) -> PipelineConfig:
         publish_qos=t.integer("publish_qos", None, choices=(0, 1, 2)),
         retain=t.boolean("retain", False),
         data_format=data_format,
-        output_format=t.string("output_format", "json", choices=("json", "raw")),
+        output_format=output_format,
         x_field=x_field,
         seq_field=seq_field,
         ts_field=ts_field,
@@ -344,12 +354,30 @@ def _parse_pipeline(t: _Table) -> PipelineConfig:
         key_level=key_level,
         seq_gap=t.string("seq_gap", "ignore", choices=("ignore", "reset")),
         idle_reset=t.number("idle_reset", 0.0, minimum=0.0),
+        warmup_steps=warmup_steps,
+        warmup_policy=warmup_policy,
         max_streams=t.integer("max_streams", 100_000, minimum=1),
         max_payload_bytes=t.integer("max_payload_bytes", 65536, minimum=1),
         dead_letter=dead_letter,
         backend=backend,
         onnx_model=onnx_model,
     )
+
+
+def _warmup(t: _Table, output_format: str, output_fields: dict) -> tuple[int, str]:
+    """``warmup_steps`` and ``warmup_policy``: "mark" writes ``"warm": false`` into a JSON prediction,
+    which a raw float32 prediction has no room for."""
+    steps = t.integer("warmup_steps", 0, minimum=0)
+    policy = t.string("warmup_policy", "mark", choices=("mark", "withhold"))
+    if steps and policy == "mark":
+        if output_format == "raw":
+            raise t.invalid("warmup_policy", '"mark" adds a "warm" field to JSON predictions; a raw prediction has '
+                                             'none: use warmup_policy = "withhold" or output_format = "json"')
+        for option, value in output_fields.items():
+            if value == WARM_FIELD:
+                raise t.invalid(option, f'"{WARM_FIELD}" is where a prediction is marked during warmup_steps: '
+                                        "choose another name")
+    return steps, policy
 
 
 def _parse_state(top: _Table, given: bool) -> StateConfig:
@@ -359,6 +387,7 @@ def _parse_state(top: _Table, given: bool) -> StateConfig:
         snapshot_interval=t.number("snapshot_interval", 30.0, above=0.0),
         durability=t.string("durability", "snapshot", choices=("snapshot", "journal")),
         journal_fsync=t.boolean("journal_fsync", True),
+        compile_cache=t.path("compile_cache", None),
     )
 
 

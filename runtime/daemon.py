@@ -244,7 +244,8 @@ class Daemon:
             for delivery in batch.deliveries.tolist():
                 if delivery:
                     self.link.expect_redelivery(delivery)
-            Y, stepped = pipeline.advance(batch.keys, batch.seqs, batch.X)
+            counts = np.empty(len(batch.keys), np.int64)
+            Y, stepped = pipeline.advance(batch.keys, batch.seqs, batch.X, counts=counts)
             if batch.batch_no not in recovery.undone:
                 continue
             outputs = []
@@ -252,7 +253,9 @@ class Daemon:
                 key = batch.keys[index]
                 seq = None if batch.seqs[index] == NO_SEQ else int(batch.seqs[index])
                 ts = None if np.isnan(batch.ts[index]) else float(batch.ts[index])
-                outputs.append((pipeline.output_topic(key), pipeline.encoder.encode(key, Y[index], seq, ts)))
+                payload = pipeline.prediction(key, Y[index], seq, ts, counts[index])
+                if payload is not None:  # None: withheld during warm-up
+                    outputs.append((pipeline.output_topic(key), payload))
             self._republish.append((pipeline, batch.batch_no, outputs))
             republished += len(outputs)
         pipeline.next_batch_no = recovery.next_batch_no

@@ -49,6 +49,7 @@ class PipelineMetrics:
         self.seq_gaps = metrics.seq_gaps.labels(name)
         self.samples_missed = metrics.samples_missed.labels(name)
         self.evictions = metrics.evictions.labels(name)
+        self.warmup_withheld = metrics.warmup_withheld.labels(name)
         self.dead_letters = metrics.dead_letters.labels(name)
         self.journal_errors = metrics.journal_errors.labels(name)
         self.streams_live = metrics.streams_live.labels(name)
@@ -106,6 +107,8 @@ class Metrics:
                                       ["pipeline"])
         self.resets = counter("resets", "Streams reset to the model's starting state", ["pipeline", "cause"])
         self.evictions = counter("evictions", "Streams evicted (least recently used) past max_streams", ["pipeline"])
+        self.warmup_withheld = counter("warmup_withheld", "Predictions withheld during a stream's warmup_steps "
+                                       '(warmup_policy = "withhold"; their inputs are acked)', ["pipeline"])
         self.dead_letters = counter("dead_letters", "Rejected messages published to the dead-letter topic", ["pipeline"])
         self.journal_errors = counter("journal_errors", "Micro-batches served without the journal (write failed)",
                                       ["pipeline"])

@@ -53,9 +53,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import safetensors
 
 from edgernn._files import atomic_write_bytes
 from edgernn.errors import FormatError
+from edgernn.streams import COLUMN_PREFIX
 
 from .config import PIPELINE_NAME
 
@@ -262,7 +264,10 @@ class StateStore:
     between batches. Not thread-safe: the scheduler thread owns it.
     """
 
-    def __init__(self, directory: Path, pipeline: str, durability: str = "snapshot", fsync: bool = True):
+    def __init__(self, directory: Path, pipeline: str, durability: str = "snapshot", fsync: bool = True,
+                 missing_columns: dict | None = None):
+        """``missing_columns``: column name -> the value a restored stream gets when the snapshot predates
+        that column (without it, the column's default, as for a new stream)."""
         if not isinstance(pipeline, str) or not PIPELINE_NAME.fullmatch(pipeline):
             raise ValueError(f"pipeline name {pipeline!r}: may hold only letters, digits, '_', '.' and '-' "
                              "(it names files)")
@@ -272,6 +277,7 @@ class StateStore:
         self.pipeline = pipeline
         self.durability = durability
         self.fsync = fsync
+        self.missing_columns = dict(missing_columns or {})
         self.snapshot_path = self.directory / f"{pipeline}.snapshot"
         self.running_path = self.directory / f"{pipeline}.running"
         name = re.escape(pipeline)  # exact patterns: "imu" never touches the files of "imu.journal"
@@ -365,6 +371,7 @@ class StateStore:
             return True
         try:
             extra = table.restore(self.snapshot_path, accept_model_change=True)  # as SIGHUP keeps states
+            self._fill_missing_columns(table)
             self.generation = _number_in(self.snapshot_path, extra, "journal_generation")
             self._next_batch_no = _number_in(self.snapshot_path, extra, "next_batch_no")
             return True
@@ -374,6 +381,17 @@ class StateStore:
             problems.append((self.snapshot_path, f"{exc}: moved aside to {aside.name}; starting with no streams"))
             self.generation = self._next_batch_no = 0
             return False
+
+    def _fill_missing_columns(self, table) -> None:
+        """Give the restored streams the `missing_columns` values of the columns the snapshot lacks."""
+        if not self.missing_columns:
+            return
+        with safetensors.safe_open(self.snapshot_path, framework="numpy") as snapshot:
+            present = set(snapshot.keys())
+        slots = table.peek_slots(table.keys())
+        for name, value in self.missing_columns.items():
+            if COLUMN_PREFIX + name not in present:
+                table.columns[name][slots] = value
 
     def _open_journal_after(self, journal: JournalContents, path: Path) -> None:
         """Continue the replayed journal (cut after its last valid record), or start a fresh one."""

@@ -14,6 +14,12 @@ Sequence numbers (when payloads carry ``seq``), per stream:
   with the gaps (and reset like a gap with ``"reset"``), not mistaken for thousands of duplicates. A
   device that restarts sooner than that has its first samples taken for duplicates until its counter
   passes the old one: a late redelivery (seq 0 arriving after seq 2) must not step the state again.
+
+Warm-up (``warmup_steps = K``): a stream's first K predictions since it started from the rest state (new,
+reset by a gap or idle policy, evicted and back, or restarted by a reload that changed the state layout)
+are still a start-up transient. Each stream counts its predictions (column ``steps``); `prediction`
+marks the first K ``"warm": false`` or withholds them (``warmup_policy``). A withheld prediction's sample
+still advances the state, and its message is acked like any other.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from edgernn.streams import StreamTable
 
 from .backends import load_backend
 from .codecs import DecodeError, Decoder, Encoder
+from .config import WARM_FIELD
 from .persistence import StateStore
 
 log = logging.getLogger(__name__)
@@ -39,8 +46,12 @@ a jump (the sweeps run every second or so)."""
 MAX_KEY_LENGTH = 1024
 """Longest stream key accepted (characters): keys live in snapshots, journals and topics."""
 NO_SEQ = -1
-STREAM_COLUMNS = {"seq": (np.int64, NO_SEQ), "seen": (np.float64, 0.0)}
-"""Per-stream bookkeeping kept beside each state and saved in snapshots: last seq, last-seen wall time."""
+STREAM_COLUMNS = {"seq": (np.int64, NO_SEQ), "seen": (np.float64, 0.0), "steps": (np.int64, 0)}
+"""Per-stream bookkeeping kept beside each state and saved in snapshots: last seq, last-seen wall time,
+predictions made since the stream (re)started from the rest state."""
+STEPS_UNKNOWN = 2**62
+"""``steps`` of a stream restored from a snapshot written before that column existed: it has run for an
+unknown time, so it is taken as warm (far past any ``warmup_steps``, far below int64 overflow)."""
 
 
 class Pipeline:
@@ -59,7 +70,8 @@ class Pipeline:
         self.publish_qos = config.effective_publish_qos
         self.table = StreamTable(self.model, max_streams=config.max_streams, columns=STREAM_COLUMNS,
                                  on_evict=self._evicted)
-        self.store = StateStore(state_config.dir, self.name, state_config.durability, state_config.journal_fsync)
+        self.store = StateStore(state_config.dir, self.name, state_config.durability, state_config.journal_fsync,
+                                missing_columns={"steps": STEPS_UNKNOWN})
         self.next_batch_no = 0
         self._last_sweep = None  # (wall, monotonic) at the last idle sweep
 
@@ -74,6 +86,8 @@ class Pipeline:
             self.decoder, _ = make_codecs(self.config, model)
         kept = model.spec.state_shapes == self.model.spec.state_shapes
         self.table.replace_model(model, keep_states=kept)
+        if not kept:  # every stream is back at the (new) rest state: its warm-up starts again
+            self.table.columns["steps"][:] = 0
         self.model, self.backend = model, backend
         return kept
 
@@ -113,23 +127,38 @@ class Pipeline:
         return self.publish_topic.format(key=key, pipeline=self.name)
 
     # ---- advancing streams -----------------------------------------------------------------------
-    def advance(self, keys: list[str], seqs: np.ndarray, X: np.ndarray, now: float | None = None):
+    def advance(self, keys: list[str], seqs: np.ndarray, X: np.ndarray, now: float | None = None,
+                counts: np.ndarray | None = None):
         """Step each row's stream by its sample, in row order per stream.
 
         ``seqs`` (n,) int64 with `NO_SEQ` where a payload had none. Returns (Y (n, O), stepped (n,) bool):
-        rows that were duplicates are not stepped and their Y rows are undefined.
+        rows that were duplicates are not stepped and their Y rows are undefined. ``counts``, an (n,) int64
+        array, receives each stepped row's prediction number in its stream (1 = the first since the stream
+        started from the rest state), what `prediction` takes.
         """
         now = time.time() if now is None else now
         Y = np.empty((len(keys), self.model.output_size), np.float32)
         stepped = np.zeros(len(keys), bool)
+        if counts is None:
+            counts = np.empty(len(keys), np.int64)
         for rows in _rounds(keys, self.table.max_streams):
-            self._advance_round(rows, [keys[i] for i in rows], seqs[rows], X[rows], now, Y, stepped)
+            self._advance_round(rows, [keys[i] for i in rows], seqs[rows], X[rows], now, Y, stepped, counts)
         return Y, stepped
 
-    def _advance_round(self, rows, keys, seqs, X, now, Y, stepped) -> None:
+    def prediction(self, key: str, y: np.ndarray, seq, ts, count: int) -> bytes | None:
+        """The payload of a stream's ``count``-th prediction, or None: withheld during warm-up (counted)."""
+        if count > self.config.warmup_steps:
+            return self.encoder.encode(key, y, seq, ts)
+        if self.config.warmup_policy == "withhold":
+            self.metrics.warmup_withheld.inc()
+            return None
+        return self.encoder.encode(key, y, seq, ts, warm=False)
+
+    def _advance_round(self, rows, keys, seqs, X, now, Y, stepped, counts) -> None:
         table = self.table
         slots = table.slots_for(keys)
-        seq_column, seen_column = table.columns["seq"], table.columns["seen"]  # after slots_for: it may grow
+        columns = table.columns  # after slots_for: it may grow
+        seq_column, seen_column, steps_column = columns["seq"], columns["seen"], columns["steps"]
         last = seq_column[slots]
         known = (seqs != NO_SEQ) & (last != NO_SEQ)
         restart = known & (last - seqs >= SEQ_RESTART_DISTANCE)
@@ -144,6 +173,7 @@ class Pipeline:
             if self.config.seq_gap == "reset":
                 reset = gap | restart
                 self.model.reset(table.states, slots[reset])
+                steps_column[slots[reset]] = 0
                 self.metrics.resets("gap").inc(int(reset.sum()))
         go = ~duplicate
         if not go.any():
@@ -155,6 +185,8 @@ class Pipeline:
         with_seq = go & (seqs != NO_SEQ)
         seq_column[slots[with_seq]] = seqs[with_seq]
         seen_column[go_slots] = now
+        steps_column[go_slots] += 1  # the slots of one round are distinct
+        counts[rows[go]] = steps_column[go_slots]
         stepped[rows[go]] = True
 
     def expire_idle(self, now: float | None = None, monotonic: float | None = None) -> int:
@@ -200,8 +232,9 @@ def make_codecs(config, model) -> tuple[Decoder, Encoder]:
                       fields=list(config.fields) if config.fields else None,
                       csv_columns=list(config.csv_columns) if config.csv_columns else None,
                       max_payload_bytes=config.max_payload_bytes)
+    marks = config.warmup_steps > 0 and config.warmup_policy == "mark"
     encoder = Encoder(config.output_format, y_field=config.y_field, seq_field=config.seq_field,
-                      ts_field=config.ts_field)
+                      ts_field=config.ts_field, warm_field=WARM_FIELD if marks else None)
     return decoder, encoder
 
 

@@ -305,17 +305,19 @@ class Scheduler:
                 self.journal_log.warning(pipeline.name, "pipeline %s: cannot write the journal (%s): this batch "
                                          "is served without it and would not survive kill -9", pipeline.name,
                                          error, event="journal_failed", pipeline=pipeline.name)
-        Y, stepped = pipeline.advance(keys, seqs, X)
-        published = int(stepped.sum())
+        counts = np.empty(len(rows), np.int64)
+        Y, stepped = pipeline.advance(keys, seqs, X, counts=counts)
+        prediction, numbers = pipeline.prediction, counts.tolist()
+        payloads = [prediction(key, Y[index], decoded.seq, decoded.ts, numbers[index]) if stepped[index] else None
+                    for index, (_, _, key, decoded, _) in enumerate(rows)]  # None: a duplicate, or withheld
+        published = len(payloads) - payloads.count(None)
         batch = _Completion(published, lambda: self._done_batches.append((pipeline, batch_no)))
         if not published:
             self._done_batches.append((pipeline, batch_no))
-        qos, retain = pipeline.publish_qos, pipeline.config.retain
-        encode, publish = pipeline.encoder.encode, self.link.publish
+        qos, retain, publish = pipeline.publish_qos, pipeline.config.retain, self.link.publish
         for index, (message, inbound, key, decoded, topic) in enumerate(rows):
-            if stepped[index]:
-                publish(topic, encode(key, Y[index], decoded.seq, decoded.ts), qos, retain,
-                        on_done=lambda m=message: self._complete(m, batch))
+            if payloads[index] is not None:
+                publish(topic, payloads[index], qos, retain, on_done=lambda m=message: self._complete(m, batch))
             else:
                 self._complete(message)
             handled[index] = True  # only now: a row that failed above is completed by `process`

@@ -78,7 +78,9 @@ def test_a_full_disk_is_served_through_counted_and_said(tmp_path, broker):
         events = [json.loads(line) for line in list(lines) if line.startswith("{")]
         failed = [event for event in events if event.get("event") == "journal_failed"]
         assert failed and "File too large" in failed[0]["msg"], "no journal_failed line"
-        assert len(failed) < errors, "journal_failed is not rate-limited"
+        # At most one line a minute however many batches failed (a loaded machine batches more messages per
+        # write, so the number of failed writes varies: 1 was seen).
+        assert len(failed) == 1, f"journal_failed is not rate-limited: {len(failed)} lines for {errors:.0f} errors"
     finally:
         for client in (sender, collector):
             if client is not None:
