@@ -44,9 +44,11 @@ broker:
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q mosquitto; }
 
-# The tests on aarch64 (the Pi target) under qemu-user, in an arm64 Debian 12 chroot cached in
+# Tests on aarch64 (the Pi target) under qemu-user, in an arm64 Debian 12 chroot cached in
 # /var/tmp/edgernn-arm64 (EDGERNN_ARM64_ROOT). Needs root; the first run builds the root (~6 min).
-# ARGS go to pytest, e.g. make test-arm64 ARGS='tests/test_cells.py -x'.
+# Without ARGS: the smoke subset CI runs (imports, every kernel against its reference, the file format,
+# the daemon against the root's Mosquitto; listed in scripts/test_arm64.sh). ARGS go to pytest instead,
+# e.g. make test-arm64 ARGS='tests/test_cells.py -x', or ARGS=tests for the whole suite.
 test-arm64:
 	bash scripts/test_arm64.sh $(ARGS)
 
