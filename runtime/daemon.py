@@ -113,6 +113,7 @@ class Daemon:
         self.stopping.set()
         self.notifier.stopping()
         self.inbox.close()  # nothing more is taken: what still arrives stays unacked, for after the restart
+        self.link.stopping = True  # except copies of messages already acked (see Scheduler.ack_leftover_copies)
         clean = True
         if self._worker is not None:
             self._worker.join(self.config.daemon.shutdown_timeout + 5)
@@ -121,6 +122,8 @@ class Daemon:
                 self.scheduler.acking = False  # its last snapshot is not written: the broker keeps the rest
                 log.error("the worker did not finish within shutdown_timeout + 5 s: stopping without its final "
                           "snapshot", extra={"event": "stop_timeout"})
+        if clean:
+            self.scheduler.ack_leftover_copies()
         self.link.stop()
         self.metrics.stop()
         if clean:

@@ -265,7 +265,7 @@ class _Connection:
             return
         self.first_outcome.set()
         self._failure_log.warning(("connect_failed", message), "%s; retrying", message, event="connect_failed",
-                                  failed_attempts=self.failed_attempts)
+                                  failed_attempts=self.failed_attempts, client_id=self.client_id)
 
     def _handle_connect_fail(self, client, userdata):
         """The TCP connection or the TLS handshake failed (paho retries after the reconnect delay)."""
@@ -331,7 +331,8 @@ class _Connection:
                 on_done: Callable[[], None] | None = None) -> None:
         """See `MqttLink.publish`."""
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+        queued = info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0)
+        if not queued:  # (paho keeps QoS 1/2 publishes made while disconnected, not QoS 0 ones)
             # paho refused it outright: no confirmation will ever come. Done now, or the input it answers (and,
             # since acks leave in order, every later input) would never be acked: the prediction is lost, said
             # (once a minute per reason). Seen when more than 65,535 predictions waited for their
@@ -394,6 +395,7 @@ class MqttLink:
         self._deliver = deliver
         self._on_connection = on_connection or (lambda connected: None)
         self.connected = threading.Event()  # every connection is up
+        self.stopping = False  # set by the daemon once its worker takes nothing more (`Daemon.stop`)
         self._connected_lock = threading.Lock()  # one transition of `connected` at a time
         self._redeliveries = _Redeliveries()
         failure_log = RateLimitedLog(log, CONNECT_FAILED_LOG_INTERVAL)
@@ -429,20 +431,27 @@ class MqttLink:
 
     def start(self) -> None:
         """Connect in the background. With ``startup_error_behavior = "error"``, wait for the first
-        connections and raise `ConnectError` if one fails; with ``"retry"``, keep trying (and logging)."""
-        for connection in self.connections:
+        connections and raise `ConnectError` if one fails; with ``"retry"``, keep trying (and logging).
+
+        The outputs' connection first: with "error" the inputs' is opened only once the outputs' is up, so
+        a failure never leaves inputs subscribed (a backlog filling the inbox before the worker runs) nor a
+        retained ``online`` behind."""
+        error_mode = self.broker.startup_error_behavior == "error"
+        for connection in reversed(self.connections):
             connection.start()
-        if self.broker.startup_error_behavior != "error":
-            return
-        for connection in self.connections:
-            # Connected, or failed for a reason given at once; the timeout covers a broker that never answers.
-            if not connection.first_outcome.wait(self.broker.connection_timeout + 1):
-                self.stop(publish_offline=False)
-                raise ConnectError(f"cannot connect to the MQTT broker at {self.broker.host}:{self.broker.port}: no "
-                                   f"answer within connection_timeout = {self.broker.connection_timeout:g} s")
-            if connection.first_failure:
-                self.stop(publish_offline=False)
-                raise ConnectError(connection.first_failure[0])
+            if error_mode:
+                self._first_outcome(connection)
+
+    def _first_outcome(self, connection: _Connection) -> None:
+        """Raise `ConnectError` (after stopping) unless ``connection``'s first attempt succeeded."""
+        # Connected, or failed for a reason given at once; the timeout covers a broker that never answers.
+        if not connection.first_outcome.wait(self.broker.connection_timeout + 1):
+            self.stop(publish_offline=False)
+            raise ConnectError(f"cannot connect to the MQTT broker at {self.broker.host}:{self.broker.port}: no "
+                               f"answer within connection_timeout = {self.broker.connection_timeout:g} s")
+        if connection.first_failure:
+            self.stop(publish_offline=False)
+            raise ConnectError(connection.first_failure[0])
 
     def stop(self, publish_offline: bool = True, timeout: float = 5.0) -> None:
         """Say ``offline`` (retained), disconnect cleanly and stop the network threads."""
@@ -459,19 +468,22 @@ class MqttLink:
     # ---- paho callbacks (network threads) --------------------------------------------------------
     def _inputs_connected(self) -> None:
         self._redeliveries.connected()
-        self.inputs.publish(self.broker.status_topic, b"online", qos=1, retain=True)
 
     def _changed(self) -> None:
-        """A connection went up or down: tell the daemon when the link as a whole does."""
-        up = all(connection.connected.is_set() for connection in self.connections)
-        with self._connected_lock:  # from either network thread
+        """A connection went up or down: when the link as a whole does, tell the daemon and say it on the
+        status topic (``online`` only while both connections are up: predictions cannot go out otherwise;
+        the Last Will covers the inputs' connection, this the outputs')."""
+        with self._connected_lock:  # from either network thread, one transition at a time
+            up = all(connection.connected.is_set() for connection in self.connections)
             if up == self.connected.is_set():
                 return
             if up:
                 self.connected.set()
             else:
                 self.connected.clear()
-        self._on_connection(up)
+            if self.inputs.connected.is_set() and not self.inputs.stopping:
+                self.inputs.publish(self.broker.status_topic, b"online" if up else b"offline", qos=1, retain=True)
+            self._on_connection(up)
 
     def _handle_message(self, client, userdata, message):
         payload = message.payload
@@ -479,8 +491,10 @@ class MqttLink:
         if message.qos > 0:
             copy, acked = self._redeliveries.is_copy(message.mid, topic, payload, message.dup)
             if copy:  # the original is queued, being processed, or done: never step it twice
-                log.debug("dropped a redelivered copy of message %d on %r", message.mid, topic)
-                if acked:  # its ack was lost: acked again by the worker, in its turn (acks leave in order)
+                log.debug("a redelivered copy of message %d on %r: not stepped", message.mid, topic)
+                if acked and self.stopping:  # the worker takes nothing more: ack it here (order no longer matters)
+                    client.ack(message.mid, message.qos)
+                elif acked:  # its ack was lost: acked again by the worker, in its turn (acks leave in order)
                     self._deliver(Inbound(topic, payload, message.mid, message.qos, time.monotonic(), copy=True))
                 return
         self._deliver(Inbound(topic, payload, message.mid, message.qos, time.monotonic()))
@@ -495,7 +509,7 @@ class MqttLink:
 
     def expect_redelivery(self, delivery: int) -> None:
         """A message journalled before a crash (`persistence.delivery_id`): when the broker delivers it
-        again, it is acked and dropped, not stepped a second time."""
+        again, it is acked (by the worker, in its turn), not stepped a second time."""
         self._redeliveries.expect(delivery >> 32, delivery)
 
     def ack(self, message: Inbound) -> None:
@@ -503,5 +517,8 @@ class MqttLink:
         if message.qos == 0:
             return
         self._redeliveries.acked(message.mid)
-        self.inputs.client.ack(message.mid, message.qos)
+        if self.inputs.connected.is_set():
+            # Not while reconnecting: paho would send the PUBACK ahead of the next CONNECT (a protocol
+            # error to the broker). The broker delivers the message again; its copy is acked then.
+            self.inputs.client.ack(message.mid, message.qos)
 

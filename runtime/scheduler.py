@@ -107,6 +107,12 @@ class Inbox:
             if not self.closed:
                 items.append(item)
 
+    def leftovers(self) -> list:
+        """Whatever is still queued (after `close`, once the worker has stopped taking)."""
+        items = list(self._items)
+        self._items.clear()
+        return items
+
     def take(self, limit: int, timeout: float) -> list:
         """Up to ``limit`` items, waiting at most ``timeout`` seconds for the first one (one consumer only)."""
         items = self._items
@@ -196,6 +202,18 @@ class Scheduler:
                               on_done=lambda: self._complete(batch))
         if not outputs:
             finished()
+
+    def ack_leftover_copies(self) -> int:
+        """At a stop: ack the redelivered copies still in the inbox (their originals are in the states the
+        final snapshot holds; left unacked, the broker would deliver them again to the next process, which
+        no longer expects them: a stream without seq would be stepped twice). Other messages stay unacked,
+        for after the restart. Returns how many were acked."""
+        copies = [inbound for inbound in self.inbox.leftovers() if inbound.copy]
+        if self.acking:
+            with self._ack_lock:
+                for inbound in copies:
+                    self.link.ack(inbound)
+        return len(copies)
 
     def wait_idle(self, timeout: float, tick=None) -> bool:
         """Wait until every published output is confirmed (a consistent point for a snapshot).

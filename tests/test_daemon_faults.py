@@ -124,23 +124,25 @@ def test_a_batch_with_more_distinct_keys_than_max_streams_steps_them_all(tmp_pat
 
 # ---- the MQTT link ---------------------------------------------------------------------------------
 
-def _broker_settings(tmp_path, port: int):
+def _broker_settings(tmp_path, port: int, broker: str = ""):
     write_model(tmp_path / "model.ern")
-    return load_config(write_config(tmp_path, port, client_id="edgernn-link-test")).broker
+    return load_config(write_config(tmp_path, port, client_id="edgernn-link-test", broker=broker)).broker
 
 
 @broker_test
 def test_a_qos0_publish_queued_at_a_disconnect_still_completes(tmp_path, broker):
     """paho drops QoS 0 packets still queued at a reconnect without calling on_publish, so ``on_done``
     never ran: the input was never acked and the scheduler's in-flight count never returned to 0, which
-    made every later snapshot (the SIGTERM one included) be skipped."""
+    made every later snapshot (the SIGTERM one included) be skipped. One connection, so that the publish
+    waits behind the busy network thread (on the default second connection it would go out at once)."""
     received = threading.Event()
 
     def deliver(inbound):  # keeps the network thread busy, so the publish below stays queued
         received.set()
         time.sleep(1.5)
 
-    link = MqttLink(_broker_settings(tmp_path, broker.port), [("in/#", 1)], deliver)
+    link = MqttLink(_broker_settings(tmp_path, broker.port, "separate_output_connection = false"), [("in/#", 1)],
+                    deliver)
     link.start()
     assert link.connected.wait(10)
     time.sleep(0.3)  # the SUBACK
@@ -367,3 +369,7 @@ def test_a_publish_paho_refuses_completes_at_once_and_is_counted(tmp_path):
     assert not first.is_set(), "a queued publish completes only when the broker confirms it"
     assert second.is_set(), "a refused publish must complete at once"
     assert link.publish_failures == 1 and failures == [1]
+    link.outputs.client.max_queued_messages_set(0)
+    qos0 = threading.Event()
+    link.publish("predictions/c", b"3", qos=0, on_done=qos0.set)  # paho drops QoS 0 while disconnected
+    assert qos0.is_set() and link.publish_failures == 2, "a QoS 0 prediction lost while disconnected is counted"
