@@ -445,6 +445,29 @@ def test_status_topic_is_retained_and_the_will_says_offline(tmp_path, broker, mo
         watcher.close()
 
 
+def test_the_status_says_offline_while_the_predictions_connection_is_down(tmp_path, broker, model):
+    """Predictions cannot go out while the outputs' connection is down, though the inputs' one (with the Last
+    Will) is up: the status says so, and ``online`` again once it is back. The outage is real: another client
+    taking over the id ``edgernn-test-out`` makes the broker close the daemon's connection."""
+    daemon = start_daemon(write_config(tmp_path, broker.port))
+    watcher = Client(broker.port, subscribe="edgernn/edgernn-test/status")
+    intruder = None
+    try:
+        watcher.wait_for(1, 5)
+        assert watcher.messages[-1][1] == b"online"
+        intruder = Client(broker.port, client_id="edgernn-test-out")
+        assert watcher.wait_for(2, 10) and watcher.messages[1][1] == b"offline"  # (the two then take turns)
+        intruder.close()
+        intruder = None
+        assert wait_until(lambda: watcher.messages[-1][1] == b"online", 20), watcher.messages
+        assert wait_until(daemon.link.connected.is_set, 10)
+    finally:
+        for client in (watcher, intruder):
+            if client is not None:
+                client.close()
+        daemon.stop()
+
+
 def test_metrics_endpoint_and_stats_topic(tmp_path, broker, model):
     config = write_config(tmp_path, broker.port)
     config.write_text(config.read_text() + '\n[metrics]\nlisten = "127.0.0.1:0"\n'
