@@ -309,6 +309,8 @@ class _Connection:
                           extra={"event": "subscribe_refused"})
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties):
+        if reason_code.is_failure:  # MQTT 5: the broker refused it (an ACL, a quota): that prediction is lost
+            self._publish_failed(str(reason_code), f"the broker refused a publish: {reason_code}")
         with self._publish_lock:
             if mid not in self._on_done:
                 self._completed_early.add(mid)
@@ -337,10 +339,7 @@ class _Connection:
             # since acks leave in order, every later input) would never be acked: the prediction is lost, said
             # (once a minute per reason). Seen when more than 65,535 predictions waited for their
             # confirmations (packet ids ran out) with outputs on the input connection: docs/reliability.md.
-            self.publish_failures += 1
-            self._on_publish_failed()
-            self._failure_log.log(logging.ERROR, ("publish_failed", info.rc), "publish to %r failed: %s (%d so far)",
-                                  topic, info.rc, self.publish_failures, event="publish_failed")
+            self._publish_failed(info.rc, f"publish to {topic!r} failed: {info.rc}")
             if on_done is not None:
                 on_done()
             return
@@ -353,6 +352,13 @@ class _Connection:
                 on_done()
             return
         self._register(info.mid, on_done)
+
+    def _publish_failed(self, cause, why: str) -> None:
+        """Counted, and said at most once a minute per cause."""
+        self.publish_failures += 1
+        self._on_publish_failed()
+        self._failure_log.log(logging.ERROR, ("publish_failed", cause), "%s (%d so far)", why, self.publish_failures,
+                              event="publish_failed", client_id=self.client_id)
 
     def _register(self, mid: int, on_done, qos0: bool = False) -> None:
         with self._publish_lock:

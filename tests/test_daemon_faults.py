@@ -373,3 +373,29 @@ def test_a_publish_paho_refuses_completes_at_once_and_is_counted(tmp_path):
     qos0 = threading.Event()
     link.publish("predictions/c", b"3", qos=0, on_done=qos0.set)  # paho drops QoS 0 while disconnected
     assert qos0.is_set() and link.publish_failures == 2, "a QoS 0 prediction lost while disconnected is counted"
+
+
+@broker_test
+def test_predictions_the_broker_refuses_are_counted_and_said(tmp_path):
+    """MQTT 5: a broker refuses a publish in its PUBACK (here Mosquitto's ACL forbids the prediction topic):
+    the prediction is lost, so it is counted and logged, and its input is still acked (nothing waits for ever)."""
+    from broker import Mosquitto
+
+    (tmp_path / "acl").write_text("topic readwrite sensors/#\ntopic readwrite edgernn/#\n")
+    broker = Mosquitto(tmp_path / "broker", extra_config=f"acl_file {tmp_path / 'acl'}\n").start()
+    failures = []
+    link = MqttLink(_broker_settings(tmp_path, broker.port, 'protocol = "5"'), [("sensors/#", 1)],
+                    lambda inbound: None, on_publish_failed=lambda: failures.append(1))
+    try:
+        link.start()
+        assert link.connected.wait(10)
+        done = threading.Event()
+        link.publish("predictions/dev0/imu", b"{}", qos=1, on_done=done.set)
+        assert done.wait(10), "a refused publish completes (its input is acked)"
+        assert link.publish_failures == 1 and failures == [1]
+        allowed = threading.Event()
+        link.publish("edgernn/allowed", b"{}", qos=1, on_done=allowed.set)
+        assert allowed.wait(10) and link.publish_failures == 1
+    finally:
+        link.stop()
+        broker.stop()
