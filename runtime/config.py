@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EdgeRNNError
+from .timing import GAP_POLICIES, MAX_FILL, MAX_REORDER_WINDOW
 
 MAX_CLIENT_ID_LENGTH = 128
 REDACTED = "***"
@@ -109,6 +110,12 @@ class PipelineConfig:
     idle_reset: float = 0.0
     warmup_steps: int = 0
     warmup_policy: str = "mark"
+    reorder_window: int = 0
+    reorder_timeout_ms: float = 200.0
+    gap_policy: str = "ignore"
+    max_fill: int = 0
+    input_rate: float | None = None
+    publish_filled: bool = False
     max_streams: int = 100_000
     max_payload_bytes: int = 65536
     dead_letter: str | None = None
@@ -295,9 +302,9 @@ def _parse_pipelines(top: _Table) -> tuple[PipelineConfig, ...]:
 
 
 PIPELINE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+"""Pipeline names: they name files in the state dir and label metrics."""
 WARM_FIELD = "warm"
 """The field that marks a JSON prediction made during ``warmup_steps`` (``"warm": false``)."""
-"""Pipeline names: they name files in the state dir and label metrics."""
 
 
 def _parse_pipeline(t: _Table) -> PipelineConfig:
@@ -356,6 +363,13 @@ def _parse_pipeline(t: _Table) -> PipelineConfig:
         idle_reset=t.number("idle_reset", 0.0, minimum=0.0),
         warmup_steps=warmup_steps,
         warmup_policy=warmup_policy,
+        # Time, order and gaps (runtime/timing.py; the bounds are its own, so one message adds boundedly many steps).
+        reorder_window=t.integer("reorder_window", 0, minimum=0, maximum=MAX_REORDER_WINDOW),
+        reorder_timeout_ms=t.number("reorder_timeout_ms", 200.0, above=0.0),
+        gap_policy=t.string("gap_policy", "ignore", choices=GAP_POLICIES),
+        max_fill=t.integer("max_fill", 0, minimum=0, maximum=MAX_FILL),
+        input_rate=t.number("input_rate", None, above=0.0),
+        publish_filled=t.boolean("publish_filled", False),
         max_streams=t.integer("max_streams", 100_000, minimum=1),
         max_payload_bytes=t.integer("max_payload_bytes", 65536, minimum=1),
         dead_letter=dead_letter,

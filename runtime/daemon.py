@@ -148,8 +148,11 @@ class Daemon:
         now = time.monotonic()
         next_snapshot, next_idle, next_stats, next_watchdog = (now + snapshot_every, now + idle_every,
                                                                now + (stats_every or 0), now)
+        scheduler = self.scheduler
         while not self.stopping.is_set():
-            self.scheduler.take_and_process(TICK)
+            deadline = scheduler.next_deadline()  # a held sample's reorder timeout (runtime/timing.py)
+            scheduler.take_and_process(TICK if deadline is None else min(TICK, max(0.0, deadline - time.monotonic())))
+            scheduler.release_due(time.monotonic())
             self._write_done_records()
             now = time.monotonic()
             self.metrics.queue_depth.set(len(self.inbox))
@@ -172,6 +175,9 @@ class Daemon:
             if stats_every and now >= next_stats:
                 self._publish_stats()
                 next_stats = now + stats_every
+        # Held samples are stepped (and their messages acked) before the final snapshot: left unacked, they
+        # would hold back the acks of every message received after them, whose effects the snapshot holds.
+        scheduler.release_all()
         self._final_snapshot = self._snapshot(self.config.daemon.shutdown_timeout)
         if not self._final_snapshot and self.config.state.durability == "snapshot":
             # Outputs confirmed from now on must not ack their inputs: the state on disk lacks them, so the

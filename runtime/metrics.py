@@ -16,6 +16,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest, start_http_server
 
 from .config import parse_listen_address
+from .timing import COUNTERS as TIMING_REASONS
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class PipelineMetrics:
         self.journal_errors = metrics.journal_errors.labels(name)
         self.streams_live = metrics.streams_live.labels(name)
         self.step_seconds = metrics.step_seconds.labels(name)
+        self.filled_published = metrics.filled_published.labels(name)
+        self._timing = {reason: metrics.timing.labels(name, reason) for reason in TIMING_REASONS}
         self._rejected_metric = metrics.rejected
         self._resets_metric = metrics.resets
         self._rejected = {reason: metrics.rejected.labels(name, reason) for reason in metrics.reject_reasons}
@@ -72,6 +75,10 @@ class PipelineMetrics:
         if child is None:
             child = self._resets[cause] = self._resets_metric.labels(self.name, cause)
         return child
+
+    def timing(self, reason: str):
+        """The child of ``edgernn_timing_total`` for ``reason`` (one of `runtime.timing.COUNTERS`)."""
+        return self._timing[reason]
 
 
 class Metrics:
@@ -112,6 +119,11 @@ class Metrics:
         self.dead_letters = counter("dead_letters", "Rejected messages published to the dead-letter topic", ["pipeline"])
         self.journal_errors = counter("journal_errors", "Micro-batches served without the journal (write failed)",
                                       ["pipeline"])
+        self.timing = counter("timing", "Samples the time stage (reorder_window, gap_policy, input_rate) held back, "
+                              "dropped, filled or could not place, by reason (README: Time, order and gaps)",
+                              ["pipeline", "reason"])
+        self.filled_published = counter("filled_published", "Predictions of filled steps published "
+                                        "(publish_filled = true); also counted in messages_out", ["pipeline"])
         self.queue_dropped = counter("queue_dropped", "Messages dropped because the work queue was full")
         self.reconnects = counter("reconnects", "Reconnections to the broker")
         self.publish_failures = counter("publish_failures", "Publishes the MQTT client refused at once (those "

@@ -20,6 +20,14 @@ reset by a gap or idle policy, evicted and back, or restarted by a reload that c
 are still a start-up transient. Each stream counts its predictions (column ``steps``); `prediction`
 marks the first K ``"warm": false`` or withholds them (``warmup_policy``). A withheld prediction's sample
 still advances the state, and its message is acked like any other.
+
+Time, order and gaps (``reorder_window``, ``gap_policy``, ``input_rate``): when the policy is `active`, the
+pipeline has a `runtime.timing.Timing` (``self.timing``, else None) that the scheduler offers each sample
+to and steps what it releases. Those steps reach `advance` as rows like any other, with `seq` codes below
+`NO_SEQ` for what a row cannot say otherwise -- `QUIET_SEQ` (a filled step whose prediction is not
+published), `RESET_SEQ` (the stream back to its rest state before its next row, not stepped) and `ACK_SEQ`
+(not stepped: only the journal's record of one more message a step took in) -- so that a journal replay
+steps exactly what was stepped live.
 """
 
 from __future__ import annotations
@@ -34,8 +42,9 @@ from edgernn.streams import StreamTable
 
 from .backends import load_backend
 from .codecs import DecodeError, Decoder, Encoder
-from .config import WARM_FIELD
+from .config import WARM_FIELD, ConfigError
 from .persistence import StateStore
+from .timing import Timing, TimingPolicy
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +55,12 @@ a jump (the sweeps run every second or so)."""
 MAX_KEY_LENGTH = 1024
 """Longest stream key accepted (characters): keys live in snapshots, journals and topics."""
 NO_SEQ = -1
+QUIET_SEQ = -2
+"""A row stepped without a seq whose prediction is not published (a filled step without ``publish_filled``)."""
+RESET_SEQ = -3
+"""A row that puts its stream back to the rest state (a gap the time policy resets on); not stepped."""
+ACK_SEQ = -4
+"""A row that only carries the delivery id of another message a step took in (journal replay); not stepped."""
 STREAM_COLUMNS = {"seq": (np.int64, NO_SEQ), "seen": (np.float64, 0.0), "steps": (np.int64, 0)}
 """Per-stream bookkeeping kept beside each state and saved in snapshots: last seq, last-seen wall time,
 predictions made since the stream (re)started from the rest state."""
@@ -74,6 +89,9 @@ class Pipeline:
                                 missing_columns={"steps": STEPS_UNKNOWN})
         self.next_batch_no = 0
         self._last_sweep = None  # (wall, monotonic) at the last idle sweep
+        self.timing = make_timing(config, self.model)
+        self._timing_counted = dict.fromkeys(self.timing.counters, 0) if self.timing is not None else {}
+        self.forgotten: list = []  # tokens `Timing.forget` handed back, for the scheduler to finish
 
     def reload(self) -> bool:
         """Load the model file again; keep every stream's state when the state shapes are unchanged.
@@ -82,8 +100,18 @@ class Pipeline:
         A file that fails to load raises and leaves the current model serving.
         """
         model, backend = load_backend(self.config)
+        period_changed = model.sample_period != self.model.sample_period
+        timing = make_timing(self.config, model) if period_changed else self.timing  # raises before any change
         if model.input_size != self.model.input_size:
             self.decoder, _ = make_codecs(self.config, model)
+        if period_changed:  # a stream's held samples and grid belong to the old period: finished, unstepped
+            self.count_timing()
+            if self.timing is not None:
+                held = self.timing.held_tokens()
+                self.metrics.timing("forgotten").inc(len(held))
+                self.forgotten.extend(held)
+            self.timing = timing
+            self._timing_counted = dict.fromkeys(timing.counters, 0) if timing is not None else {}
         kept = model.spec.state_shapes == self.model.spec.state_shapes
         self.table.replace_model(model, keep_states=kept)
         if not kept:  # every stream is back at the (new) rest state: its warm-up starts again
@@ -160,7 +188,14 @@ class Pipeline:
         columns = table.columns  # after slots_for: it may grow
         seq_column, seen_column, steps_column = columns["seq"], columns["seen"], columns["steps"]
         last = seq_column[slots]
-        known = (seqs != NO_SEQ) & (last != NO_SEQ)
+        special = seqs < NO_SEQ  # rows from the time stage (module docstring)
+        quiet = None
+        if special.any():
+            self._reset_for_timing(slots[seqs == RESET_SEQ])
+            quiet = seqs == QUIET_SEQ
+            special &= ~quiet  # quiet rows are stepped, without a seq
+            seqs = np.where(quiet, NO_SEQ, seqs)
+        known = (seqs != NO_SEQ) & (last != NO_SEQ) & ~special
         restart = known & (last - seqs >= SEQ_RESTART_DISTANCE)
         duplicate = known & (seqs <= last) & ~restart
         gap = known & (seqs - 1 > last)  # not last + 1: a seq of 2**63 - 1 would overflow
@@ -175,7 +210,7 @@ class Pipeline:
                 self.model.reset(table.states, slots[reset])
                 steps_column[slots[reset]] = 0
                 self.metrics.resets("gap").inc(int(reset.sum()))
-        go = ~duplicate
+        go = ~(duplicate | special)
         if not go.any():
             return
         go_slots = slots[go]
@@ -187,7 +222,24 @@ class Pipeline:
         seen_column[go_slots] = now
         steps_column[go_slots] += 1  # the slots of one round are distinct
         counts[rows[go]] = steps_column[go_slots]
-        stepped[rows[go]] = True
+        stepped[rows[go if quiet is None else go & ~quiet]] = True
+
+    def _reset_for_timing(self, slots: np.ndarray) -> None:
+        """The time stage's resets (`RESET_SEQ`), as a seq gap reset does them."""
+        if len(slots):
+            self.model.reset(self.table.states, slots)
+            self.table.columns["steps"][slots] = 0
+            self.metrics.resets("gap").inc(len(slots))
+
+    def count_timing(self) -> None:
+        """Bring ``edgernn_timing_total`` up to the time stage's counters (it counts by itself)."""
+        if self.timing is None:
+            return
+        counted = self._timing_counted
+        for reason, value in self.timing.counters.items():
+            if value != counted[reason]:
+                self.metrics.timing(reason).inc(value - counted[reason])
+                counted[reason] = value
 
     def expire_idle(self, now: float | None = None, monotonic: float | None = None) -> int:
         """Forget streams silent for ``idle_reset`` seconds: they restart from the rest state. Returns how many.
@@ -211,6 +263,8 @@ class Pipeline:
         stale = self.table.stale("seen", now - self.config.idle_reset)
         for key in stale:
             self.table.drop(key)
+            if self.timing is not None:
+                self.forgotten.extend(self.timing.forget(key))
         if stale:
             self.metrics.resets("idle").inc(len(stale))
             log.info("pipeline %s: %d idle streams reset", self.name, len(stale),
@@ -219,10 +273,27 @@ class Pipeline:
 
     def _evicted(self, key) -> None:
         self.metrics.evictions.inc()
+        if self.timing is not None:
+            self.forgotten.extend(self.timing.forget(key))
 
     def new_batch_no(self) -> int:
         self.next_batch_no += 1
         return self.next_batch_no - 1
+
+
+def make_timing(config, model) -> Timing | None:
+    """The pipeline's time stage, or None when its options leave every sample as it is (today's path)."""
+    needs_period = [option for option, used in (("gap_policy", config.gap_policy != "ignore"),
+                                                ("input_rate", config.input_rate is not None)) if used]
+    if needs_period and model.sample_period is None:
+        option = needs_period[0]
+        raise ConfigError(config.model, None, f"pipeline {config.name!r}: {option} = {getattr(config, option)!r} "
+                          "needs the model's sample rate, and this model file has none (give it one: "
+                          "edgernn convert --sample-rate HZ)")
+    policy = TimingPolicy(reorder_window=config.reorder_window, reorder_timeout=config.reorder_timeout_ms / 1000.0,
+                          gap_policy=config.gap_policy, max_fill=config.max_fill,
+                          sample_period=model.sample_period, input_rate=config.input_rate)
+    return Timing(policy) if policy.active else None
 
 
 def make_codecs(config, model) -> tuple[Decoder, Encoder]:

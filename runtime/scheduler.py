@@ -28,13 +28,14 @@ import logging
 import threading
 import time
 from collections import deque
+from types import SimpleNamespace
 
 import numpy as np
 
 from .codecs import DecodeError, dead_letter
 from .logs import RateLimitedLog
 from .mqtt import delivery_id
-from .pipeline import NO_SEQ
+from .pipeline import ACK_SEQ, NO_SEQ, QUIET_SEQ, RESET_SEQ
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +132,12 @@ class Inbox:
 class _Completion:
     """Counts down the outputs a message (or a journalled batch) waits for; runs ``then`` at zero."""
 
-    __slots__ = ("remaining", "then")
+    __slots__ = ("remaining", "then", "held")
 
     def __init__(self, remaining: int, then):
         self.remaining = remaining
         self.then = then
+        self.held = 0  # rows of this message the time stage holds (runtime/timing.py)
 
 
 class Scheduler:
@@ -311,13 +313,28 @@ class Scheduler:
         self.link.publish(topic, body, qos=inbound.qos, on_done=lambda: self._complete(message))
 
     def _advance(self, pipeline, rows: list, handled: list) -> None:
+        if pipeline.timing is not None:
+            self._advance_timed(pipeline, rows, handled)
+            return
         keys = [row[2] for row in rows]
         seqs = np.fromiter((NO_SEQ if row[3].seq is None else row[3].seq for row in rows), np.int64, len(rows))
         X = np.stack([row[3].x for row in rows])
+        self._step(pipeline, rows, keys, seqs, X, _timestamps(rows), _deliveries(rows), handled)
+        self._observe_latency(rows)
+
+    def _step(self, pipeline, rows: list, keys: list, seqs: np.ndarray, X: np.ndarray, ts: np.ndarray,
+              deliveries: np.ndarray, handled: list, journal_extra=None) -> None:
+        """Journal, step and publish ``rows`` ((completion, inbound, key, sample with .seq/.ts, topic)); a row's
+        completion is completed once its prediction is confirmed, or at once when it has none to publish.
+        ``journal_extra``: (keys, seqs, X, ts, deliveries) of rows journalled after them but not stepped."""
         batch_no = pipeline.new_batch_no()
         if pipeline.store.durability == "journal":
+            journalled = (keys, seqs, X, ts, deliveries)
+            if journal_extra is not None:
+                journalled = (keys + journal_extra[0],) + tuple(
+                    np.concatenate([ours, extra]) for ours, extra in zip(journalled[1:], journal_extra[1:]))
             try:
-                pipeline.store.append_batch(batch_no, keys, seqs, X, _timestamps(rows), _deliveries(rows))
+                pipeline.store.append_batch(batch_no, *journalled)
             except OSError as error:  # a full or failing disk: serve on (acks still follow the outputs)
                 pipeline.metrics.journal_errors.inc()
                 self.journal_log.warning(pipeline.name, "pipeline %s: cannot write the journal (%s): this batch "
@@ -326,21 +343,165 @@ class Scheduler:
         counts = np.empty(len(rows), np.int64)
         Y, stepped = pipeline.advance(keys, seqs, X, counts=counts)
         prediction, numbers = pipeline.prediction, counts.tolist()
-        payloads = [prediction(key, Y[index], decoded.seq, decoded.ts, numbers[index]) if stepped[index] else None
-                    for index, (_, _, key, decoded, _) in enumerate(rows)]  # None: a duplicate, or withheld
+        payloads = [prediction(key, Y[index], sample.seq, sample.ts, numbers[index]) if stepped[index] else None
+                    for index, (_, _, key, sample, _) in enumerate(rows)]  # None: a duplicate, withheld or quiet
         published = len(payloads) - payloads.count(None)
         batch = _Completion(published, lambda: self._done_batches.append((pipeline, batch_no)))
         if not published:
             self._done_batches.append((pipeline, batch_no))
         qos, retain, publish = pipeline.publish_qos, pipeline.config.retain, self.link.publish
-        for index, (message, inbound, key, decoded, topic) in enumerate(rows):
+        for index, (message, inbound, key, sample, topic) in enumerate(rows):
             if payloads[index] is not None:
                 publish(topic, payloads[index], qos, retain, on_done=lambda m=message: self._complete(m, batch))
             else:
                 self._complete(message)
-            handled[index] = True  # only now: a row that failed above is completed by `process`
+            handled[index] = True  # only now: a row that failed above is completed by its caller
         pipeline.metrics.messages_out.inc(published)
+
+    # ---- the time stage (runtime/timing.py) ------------------------------------------------------
+    # Each row is offered with itself as the token. A row neither stepped nor dropped by its own offer is
+    # held: its message leaves `_in_flight` until it is released, so that `wait_idle` (every snapshot) is
+    # not held up by a stream that waits for its next sample. Held rows are not journalled and not acked:
+    # after a crash the broker delivers them again.
+    def _advance_timed(self, pipeline, rows: list, handled: list) -> None:
+        timing, now = pipeline.timing, time.monotonic()
+        released = []
+        for index, row in enumerate(rows):
+            decoded = row[3]
+            out = timing.offer(row[2], decoded.x, decoded.seq, decoded.ts, row, now)
+            self._returned(out, row)
+            released.append((row[2], row[4], out))
+            handled[index] = True  # from here on the time stage or the steps below finish it
+        self._step_released(pipeline, released)
         self._observe_latency(rows)
+
+    def release_due(self, now: float) -> None:
+        """Step what the time stages release by ``now`` (reorder timeouts), and finish what they forgot
+        (streams evicted or idle). The worker calls this every pass."""
+        for pipeline in self.pipelines:
+            timing = pipeline.timing
+            if timing is None:
+                continue
+            if pipeline.forgotten:
+                self._finish_forgotten(pipeline)
+            deadline = timing.next_deadline()
+            if deadline is not None and deadline <= now:
+                self._release(pipeline, timing.due(now))
+
+    def release_all(self) -> None:
+        """At a stop: step everything held (held samples in seq order, open cells emitted), so the final
+        snapshot holds every message acked (`runtime.timing.Timing.drain`)."""
+        for pipeline in self.pipelines:
+            if pipeline.timing is not None:
+                self._release(pipeline, pipeline.timing.drain())
+                self._finish_forgotten(pipeline)
+
+    def next_deadline(self) -> float | None:
+        """The earliest reorder timeout of every pipeline (monotonic seconds), or None."""
+        deadlines = [d for p in self.pipelines if p.timing is not None and (d := p.timing.next_deadline()) is not None]
+        return min(deadlines, default=None)
+
+    def _release(self, pipeline, by_key: list) -> None:
+        released = []
+        for key, out in by_key:
+            self._returned(out, None)
+            released.append((key, pipeline.output_topic(key), out))
+        if released:
+            try:
+                self._step_released(pipeline, released)
+            except Exception:  # noqa: BLE001 -- as in `process`: one failure must not stop the worker
+                log.exception("pipeline %s: failed on released samples", pipeline.name,
+                              extra={"event": "batch_failed", "pipeline": pipeline.name})
+
+    def _finish_forgotten(self, pipeline) -> None:
+        tokens, pipeline.forgotten = pipeline.forgotten, []
+        for token in tokens:
+            self._unhold(token[0])
+        self._complete(*(token[0] for token in tokens))
+        pipeline.count_timing()
+
+    def _returned(self, out, offered) -> None:
+        """Bookkeeping of the tokens one offer (``offered``: its row) or one release handed back."""
+        offered_back = False
+        for step in out.steps:
+            for token in step.tokens:
+                if token is offered:
+                    offered_back = True
+                else:
+                    self._unhold(token[0])
+        for token in out.dropped:
+            if token is offered:
+                offered_back = True
+            else:
+                self._unhold(token[0])
+        if out.dropped:
+            self._complete(*(token[0] for token in out.dropped))
+        if offered is not None and not offered_back:
+            self._hold(offered[0])
+
+    def _hold(self, message: _Completion) -> None:
+        with self._lock:
+            message.held += 1
+            if message.held == 1:
+                self._in_flight -= 1
+                if not self._in_flight:
+                    self._idle.notify_all()
+
+    def _unhold(self, message: _Completion) -> None:
+        with self._lock:
+            message.held -= 1
+            if not message.held:
+                self._in_flight += 1
+
+    def _step_released(self, pipeline, released: list) -> None:
+        """Step the time stage's steps [(key, output topic, `Released`)]: each step is a row whose completion
+        finishes its tokens' messages; a reset is a `RESET_SEQ` row before it; a message a step took in
+        beyond its first is an `ACK_SEQ` row in the journal only (so a replay expects its redelivery)."""
+        publish_filled = pipeline.config.publish_filled
+        step_rows, seqs, extra = [], [], []
+        filled, reset = 0, None
+        for key, topic, out in released:
+            for step in out.steps:
+                if step.reset_before:
+                    reset = reset or SimpleNamespace(seq=None, ts=None, x=np.zeros(pipeline.model.input_size, np.float32))
+                    step_rows.append((_Completion(1, _nothing), None, key, reset, topic))
+                    seqs.append(RESET_SEQ)
+                tokens = step.tokens
+                messages = tuple(token[0] for token in tokens)
+                done = _Completion(1, (lambda m=messages: self._complete(*m)) if messages else _nothing)
+                step_rows.append((done, tokens[0][1] if tokens else None, key, step, topic))
+                if step.filled:
+                    filled += 1
+                    seqs.append(NO_SEQ if publish_filled else QUIET_SEQ)
+                else:
+                    seqs.append(NO_SEQ if step.seq is None else step.seq)
+                extra.extend((key, token[1]) for token in tokens[1:] if token[1].qos)
+        pipeline.count_timing()
+        if not step_rows:
+            return
+        handled = [False] * len(step_rows)
+        try:
+            keys = [row[2] for row in step_rows]
+            X = np.stack([row[3].x for row in step_rows])
+            ts = np.fromiter((np.nan if row[3].ts is None else row[3].ts for row in step_rows), np.float64,
+                             len(step_rows))
+            deliveries = _deliveries(step_rows)
+            journal_extra = None
+            if extra and pipeline.store.durability == "journal":
+                extra_rows = [(None, inbound) for _, inbound in extra]
+                journal_extra = ([key for key, _ in extra], np.full(len(extra), ACK_SEQ, np.int64),
+                                 np.zeros((len(extra), X.shape[1]), np.float32), np.full(len(extra), np.nan),
+                                 _deliveries(extra_rows))
+            self._step(pipeline, step_rows, keys, np.array(seqs, np.int64), X, ts, deliveries, handled, journal_extra)
+        except Exception:
+            lost = [row[0] for done, row in zip(handled, step_rows) if not done]
+            pipeline.metrics.rejected(INTERNAL_ERROR).inc(sum(1 for row in step_rows if row[1] is not None))
+            self._complete(*lost)
+            raise
+        if pipeline.forgotten:  # streams evicted by the steps above
+            self._finish_forgotten(pipeline)
+        if filled and publish_filled:
+            pipeline.metrics.filled_published.inc(filled)
 
     def _observe_latency(self, rows: list) -> None:
         """Arrival -> prediction handed to MQTT, for at most `LATENCY_SAMPLES` messages of the batch spread evenly over it
@@ -352,8 +513,12 @@ class Scheduler:
 
 
 def _deliveries(rows) -> np.ndarray:
-    return np.fromiter((delivery_id(i.mid, i.topic, i.payload) if i.qos else 0 for _, i, *_ in rows), np.uint64,
-                       len(rows))
+    return np.fromiter((delivery_id(i.mid, i.topic, i.payload) if i is not None and i.qos else 0
+                        for _, i, *_ in rows), np.uint64, len(rows))
+
+
+def _nothing() -> None:
+    pass
 
 
 def _timestamps(rows) -> np.ndarray:

@@ -58,8 +58,13 @@ and hands every token back exactly once:
   step's prediction, and every earlier step of its stream, is published. Filled and purely interpolated
   steps carry no token of their own.
 - until then it is in `Timing.held_tokens`: the daemon must not ack those. Mind that acks go out in
-  receive order (`runtime.scheduler`), so a held message delays the acks of every later message: the
-  reorder timeout bounds that; the open cell of a decimating stream waits for the stream's next sample.
+  receive order (`runtime.scheduler`), so a held message delays the acks of every later message: every
+  wait is bounded. The reorder window's by ``reorder_timeout``; a resampled stream's by the time its
+  next sample should come plus ``reorder_timeout`` (a decimating stream's open cell: a model period after
+  it opened; an upsampled sample that completed no grid point: an input period). When a stream falls
+  silent that long, `Timing.due` closes its open cell (its mean stepped at its grid point) or finishes
+  the waiting tokens without a step (``hold_timeout``); a sample that then comes for the closed cell is
+  ``late`` and dropped, as one the reorder window gave up on.
 - `Timing.forget` (the stream table evicted the key) returns the tokens the stream still held: its
   state is gone, so they are finished (ack them).
 
@@ -90,8 +95,14 @@ SKIPPED_RANGES_KEPT = 16
 TS_RANGE_PERIODS = 2.0 ** 46
 """A usable ``ts`` lies within this many periods of 0: its float resolution is then P/64 or finer."""
 COUNTERS = ("late", "duplicate", "reordered", "seq_skipped", "seq_restart", "gap", "filled", "gap_reset",
-            "ts_missing", "ts_out_of_range", "ts_backwards", "forgotten")
+            "ts_missing", "ts_out_of_range", "ts_backwards", "hold_timeout", "forgotten")
 """The keys of `Timing.counters`, all present from the start (metrics can be registered up front)."""
+
+
+class _Wait(NamedTuple):
+    """A deadline's mark for a resampled stream's wait (`StreamTiming.wait_no` when it began)."""
+
+    number: int
 
 
 def _number(value) -> bool:
@@ -177,10 +188,11 @@ class Released(NamedTuple):
 class StreamTiming:
     """One stream's time state: held samples, the last released seq and sample, the resampling grid."""
 
-    __slots__ = ("released", "max_seen", "heap", "held", "skipped", "last_ts", "last_x", "t0", "k",
-                 "cell_sum", "cell_count", "cell_tokens", "pending", "reset_next")
+    __slots__ = ("key", "released", "max_seen", "heap", "held", "skipped", "last_ts", "last_x", "t0", "k",
+                 "cell_sum", "cell_count", "cell_tokens", "pending", "reset_next", "wait_no")
 
-    def __init__(self):
+    def __init__(self, key):
+        self.key = key
         self.released = None  # last seq handed to the time stage
         self.max_seen = None  # largest seq accepted (to count reordered samples)
         self.heap: list = []  # held samples: (seq, x, ts, token), seq unique
@@ -195,6 +207,7 @@ class StreamTiming:
         self.cell_tokens: list = []
         self.pending: list = []  # tokens waiting for the stream's next step
         self.reset_next = False
+        self.wait_no = 0  # numbers the resampling waits (open cell, pending tokens): older deadlines are stale
 
     def was_skipped(self, seq: int) -> bool:
         return self.skipped is not None and any(first <= seq <= last for first, last in self.skipped)
@@ -216,7 +229,8 @@ class Timing:
         self.policy = policy
         self.counters = dict.fromkeys(COUNTERS, 0)
         self._streams: dict[Any, StreamTiming] = {}
-        self._deadlines: list = []  # (deadline, order, key, stream, seq); stale entries skipped when popped
+        self._deadlines: list = []  # (deadline, order, stream, seq or _Wait); stale entries skipped when popped
+        self._now = 0.0  # the monotonic time of the call being served
         self._order = itertools.count()
         self._window = policy.reorder_window
         self._period = policy.sample_period
@@ -227,6 +241,9 @@ class Timing:
         if policy.resampling:
             self._gap_span = 1.5 / policy.input_rate
             upsampling = policy.input_rate * policy.sample_period < 1.0
+            # how long a resampled sample may wait for the stream's next one: the device sends it within
+            # an input period (upsampling) or a model period (the rest of the open cell), plus the timeout
+            self._wait = policy.reorder_timeout + (1.0 / policy.input_rate if upsampling else policy.sample_period)
             self._time = self._upsample if upsampling else self._decimate
         else:
             self._time = self._fill_gaps if policy.gap_policy != "ignore" else self._pass
@@ -237,9 +254,10 @@ class Timing:
     # ---- the scheduler's calls -------------------------------------------------------------------
     def offer(self, key, x: np.ndarray, seq: int | None, ts: float | None, token, now: float) -> Released:
         """Take one decoded sample of stream ``key`` (``now``: monotonic seconds); return what it releases."""
+        self._now = now
         stream = self._streams.get(key)
         if stream is None:
-            stream = self._streams[key] = StreamTiming()
+            stream = self._streams[key] = StreamTiming(key)
         out = Released([], [])
         if self._window and seq is not None:
             self._reorder(key, stream, x, seq, ts, token, now, out)
@@ -248,27 +266,50 @@ class Timing:
         return out
 
     def due(self, now: float) -> list[tuple[Any, Released]]:
-        """Release the samples held ``reorder_timeout`` by ``now`` (and the smaller held ones), per stream."""
+        """Per stream, what waited too long by ``now``: the samples held ``reorder_timeout`` (and the
+        smaller held ones), in seq order; a resampled stream gone silent: its open cell closed, or the
+        tokens of samples that completed no grid point handed back in ``dropped`` (``hold_timeout``)."""
+        self._now = now
         out: dict[Any, Released] = {}
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
-            _, _, key, stream, seq = heapq.heappop(deadlines)
-            if seq in stream.held and self._streams.get(key) is stream:
-                released = out.get(key)
-                if released is None:
-                    released = out[key] = Released([], [])
-                self._release(stream, released, upto=seq)
+            _, _, stream, what = heapq.heappop(deadlines)
+            if not self._live(stream, what):
+                continue
+            released = out.get(stream.key)
+            if released is None:
+                released = out[stream.key] = Released([], [])
+            if isinstance(what, _Wait):
+                self.counters["hold_timeout"] += 1
+                self._close_cell(stream, released)
+                released.dropped.extend(stream.pending)
+                stream.pending = []
+            else:
+                self._release(stream, released, upto=what)
         return list(out.items())
 
     def next_deadline(self) -> float | None:
         """When `due` next has something to release (monotonic seconds), or None."""
         deadlines = self._deadlines
         while deadlines:
-            _, _, key, stream, seq = deadlines[0]
-            if seq in stream.held and self._streams.get(key) is stream:
+            _, _, stream, what = deadlines[0]
+            if self._live(stream, what):
                 return deadlines[0][0]
             heapq.heappop(deadlines)
         return None
+
+    def _live(self, stream: StreamTiming, what) -> bool:
+        """Whether a deadline still stands: its stream not forgotten, its sample still held or its wait on."""
+        if self._streams.get(stream.key) is not stream:
+            return False
+        if isinstance(what, _Wait):
+            return what.number == stream.wait_no and bool(stream.cell_count or stream.pending)
+        return what in stream.held
+
+    def _wait_from_now(self, s: StreamTiming) -> None:
+        """A resampled stream waits for its next sample from now on (a new open cell, or pending tokens)."""
+        s.wait_no += 1
+        heapq.heappush(self._deadlines, (self._now + self._wait, next(self._order), s, _Wait(s.wait_no)))
 
     def forget(self, key) -> list:
         """Drop a stream (evicted or idle); returns the tokens it still held: finished, ack them."""
@@ -278,6 +319,22 @@ class Timing:
         tokens = stream.tokens()
         self.counters["forgotten"] += len(tokens)
         return tokens
+
+    def drain(self) -> list[tuple[Any, Released]]:
+        """Hand on everything held, as if every stream ended now (a clean stop), and forget every stream:
+        held samples in seq order, a decimating stream's open cell emitted at its grid point; the tokens of
+        samples that completed no grid point yet (upsampling) come back in ``dropped``."""
+        out = []
+        for key, s in self._streams.items():
+            released = Released([], [])
+            self._release(s, released, upto=math.inf)
+            self._close_cell(s, released)
+            released.dropped.extend(s.pending)
+            s.pending = []
+            out.append((key, released))
+        self._streams.clear()
+        self._deadlines.clear()
+        return out
 
     def held_tokens(self) -> list:
         """Tokens of every message received and not finished: the daemon must not ack these yet."""
@@ -309,7 +366,7 @@ class Timing:
             return
         heapq.heappush(s.heap, (seq, x, ts, token))
         s.held.add(seq)
-        heapq.heappush(self._deadlines, (now + self.policy.reorder_timeout, next(self._order), key, s, seq))
+        heapq.heappush(self._deadlines, (now + self.policy.reorder_timeout, next(self._order), s, seq))
         self._release(s, out)
 
     def _release(self, s: StreamTiming, out: Released, upto: float | None = None) -> None:
@@ -431,6 +488,8 @@ class Timing:
         if len(out.steps) > first:
             out.steps[-1].tokens = tuple(s.pending)
             s.pending = []
+        elif len(s.pending) == 1:
+            self._wait_from_now(s)
 
     def _decimate(self, s: StreamTiming, x, seq, ts, token, out: Released) -> None:
         if not self._usable(ts):
@@ -447,7 +506,14 @@ class Timing:
             s.t0, s.k = ts, 0
             self._open_cell(s, x, ts, token)
             return
+        if not s.cell_count and ts < s.t0 + (s.k - 0.5) * period:  # its cell was closed by the timeout
+            self.counters["late"] += 1
+            out.dropped.append(token)
+            return
         if ts < s.t0 + (s.k + 0.5) * period:  # the open cell goes on: the common case
+            if not s.cell_count:  # ... or opens: the last one was closed by the timeout
+                self._open_cell(s, x, ts, token)
+                return
             s.cell_sum += x
             s.cell_count += 1
             s.cell_tokens.append(token)
@@ -456,7 +522,8 @@ class Timing:
         filled = False
         a_ts, a_x = s.last_ts, s.last_x
         if ts - a_ts >= self._gap_span:
-            n = self._gap_points(s, ts, s.k + 1, 0.5, inclusive=True)  # empty cells ending by ts
+            first_empty = s.k + 1 if s.cell_count else s.k
+            n = self._gap_points(s, ts, first_empty, 0.5, inclusive=True)  # empty cells ending by ts
             if n:
                 filled = self._bridge(n)
                 if not filled:
@@ -483,9 +550,12 @@ class Timing:
         s.cell_count = 1
         s.cell_tokens = [token]
         s.last_ts, s.last_x = ts, x
+        self._wait_from_now(s)
 
     def _close_cell(self, s: StreamTiming, out: Released) -> None:
-        """Emit the open cell's mean at its grid point, with its samples' tokens."""
+        """Emit the open cell's mean at its grid point, with its samples' tokens (none open: nothing)."""
+        if not s.cell_count:
+            return
         mean = (s.cell_sum / s.cell_count).astype(np.float32)
         self._emit(s, out, mean, s.t0 + s.k * self._period, tokens=tuple(s.cell_tokens))
         s.k += 1

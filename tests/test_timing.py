@@ -432,6 +432,49 @@ def test_resampling_bad_ts(input_rate):
     assert sorted(everything) == list(range(7))
 
 
+def test_a_silent_decimating_stream_closes_its_open_cell_after_a_period_plus_the_timeout():
+    timing = Timing(TimingPolicy(reorder_timeout=0.2, sample_period=P, input_rate=16.0))
+    X = xs(5)
+    steps, _ = feed(timing, [(0, 0.0, X[0], 0), (1, P / 2, X[1], 1)], now=10.0)  # cell 1 opens at 10.0
+    assert [s.tokens for s in steps] == [(0,)] and timing.held_tokens() == [1]
+    assert timing.next_deadline() == pytest.approx(10.0 + P + 0.2)
+    assert timing.due(10.0 + P + 0.19) == []
+    [(key, released)] = timing.due(10.0 + P + 0.2)  # the stream fell silent: cell 1 closes with what it has
+    assert key == "s" and released.dropped == [] and [(s.ts, s.tokens) for s in released.steps] == [(P, (1,))]
+    np.testing.assert_allclose(released.steps[0].x, X[1], **TOL)
+    assert timing.held_tokens() == [] and timing.next_deadline() is None and timing.counters["hold_timeout"] == 1
+    late, dropped = feed(timing, [(2, P, X[2], 2)], now=11.0)  # cell 1's second sample, too late: dropped
+    assert late == [] and dropped == [2] and timing.counters["late"] == 1
+    on, _ = feed(timing, [(3, 3 * P / 2, X[3], 3), (4, 2 * P, X[4], 4), (5, 5 * P / 2, X[0], 5)], now=11.0)
+    assert [(s.ts, s.tokens) for s in on] == [(2 * P, (3, 4))]  # cell 2 as if nothing happened
+    assert timing.counters["gap"] == 0 and timing.held_tokens() == [5]
+
+
+def test_a_silent_decimating_stream_coming_back_after_a_gap_fills_from_the_first_unopened_cell():
+    timing = Timing(TimingPolicy(reorder_timeout=0.2, gap_policy="interpolate", max_fill=4, sample_period=P,
+                                 input_rate=16.0))
+    X = xs(3)
+    steps, _ = feed(timing, [(0, 0.0, X[0], 0), (1, P / 2, X[1], 1)])
+    [(_, released)] = timing.due(math.inf)  # cell 1 closed by the timeout
+    back, _ = feed(timing, [(2, 4 * P, X[2], 2)])  # cells 2 and 3 empty: filled, then cell 4 opens
+    assert [(s.ts, s.filled) for s in steps + released.steps + back] == [(0.0, False), (P, False),
+                                                                         (2 * P, True), (3 * P, True)]
+    assert timing.counters["filled"] == 2 and timing.held_tokens() == [2]
+
+
+def test_a_sample_that_completes_no_grid_point_is_finished_when_its_stream_falls_silent():
+    timing = Timing(TimingPolicy(reorder_timeout=0.2, sample_period=P, input_rate=7.0))
+    X = xs(3)
+    steps, _ = feed(timing, [(0, 0.0, X[0], 0), (1, 0.1, X[1], 1)], now=5.0)  # 0.1: before the point at P
+    assert [s.tokens for s in steps] == [(0,)] and timing.held_tokens() == [1]
+    assert timing.next_deadline() == pytest.approx(5.0 + 1 / 7.0 + 0.2)
+    [(_, released)] = timing.due(6.0)
+    assert released.steps == [] and released.dropped == [1] and timing.counters["hold_timeout"] == 1
+    later, _ = feed(timing, [(2, 0.3, X[2], 2)], now=7.0)  # still interpolated from the sample at 0.1
+    assert [s.ts for s in later] == [P, 2 * P] and later[-1].tokens == (2,)
+    np.testing.assert_allclose(later[0].x, X[1] + (P - 0.1) / 0.2 * (X[2].astype(np.float64) - X[1]), **TOL)
+
+
 # ---- everything together -------------------------------------------------------------------------
 @st.composite
 def shuffled_gapped_streams(draw):
