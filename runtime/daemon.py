@@ -30,7 +30,7 @@ from .codecs import REJECT_REASONS
 from .logs import RateLimitedLog
 from .metrics import Metrics
 from .mqtt import MqttLink
-from .pipeline import NO_SEQ, Pipeline, make_codecs
+from .pipeline import NO_SEQ, Pipeline, make_codecs, make_timing
 from .scheduler import INTERNAL_ERROR, Inbox, Scheduler
 from .sdnotify import Notifier, watchdog_interval
 
@@ -281,5 +281,6 @@ def check(config) -> list[str]:
     for pipeline in config.pipelines:
         model, backend = load_backend(pipeline)
         make_codecs(pipeline, model)
+        make_timing(pipeline, model)  # gap_policy and input_rate need the model's sample rate
         lines.append(f"pipeline {pipeline.name}: {pipeline.model} {model!r} on {backend.name} ({backend.device})")
     return lines

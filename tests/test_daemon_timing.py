@@ -278,9 +278,11 @@ def test_kill_9_replays_the_time_stages_steps_from_the_journal(tmp_path, broker,
             process.terminate()
 
 
-def test_an_evicted_stream_acks_what_its_time_stage_held(tmp_path, broker, model):
-    daemon = start_daemon(write_config(tmp_path, broker.port, pipeline="reorder_window = 4\nreorder_timeout_ms = 60000\n"
-                                                                         "max_streams = 1"))
+@pytest.mark.parametrize("how", ["evicted", "idle"])
+def test_a_stream_evicted_or_reset_when_idle_acks_what_its_time_stage_held(tmp_path, broker, model, how):
+    option = "max_streams = 1" if how == "evicted" else "idle_reset = 0.5"
+    daemon = start_daemon(write_config(tmp_path, broker.port,
+                                       pipeline=f"reorder_window = 4\nreorder_timeout_ms = 60000\n{option}"))
     collector = Client(broker.port, subscribe="predictions/#")
     sender = Client(broker.port)
     try:
@@ -288,9 +290,10 @@ def test_an_evicted_stream_acks_what_its_time_stage_held(tmp_path, broker, model
             sender.publish("sensors/dev0/imu", payload(0, seq))
         assert collector.wait_for_distinct(6) == 6
         assert wait_until(lambda: len(daemon.pipelines[0].timing.held_tokens()) == 1, 10)
-        for seq in range(6):  # a second stream evicts the first, whose held message is then finished
-            sender.publish("sensors/dev1/imu", payload(1, seq))
-        assert collector.wait_for_distinct(12) == 12
+        if how == "evicted":  # a second stream evicts the first, whose held message is then finished
+            for seq in range(6):
+                sender.publish("sensors/dev1/imu", payload(1, seq))
+            assert collector.wait_for_distinct(12) == 12
         assert wait_until(lambda: _timing(daemon).get("forgotten") == 1, 10), _timing(daemon)
         assert wait_until(lambda: not daemon.scheduler._unacked, 10)  # acked: nothing holds the later acks back
         assert daemon.pipelines[0].timing.held_tokens() == []
@@ -305,6 +308,34 @@ def test_a_gap_policy_on_a_model_without_a_sample_rate_stops_the_start(tmp_path,
     with pytest.raises(EdgeRNNError, match=r"model\.ern: pipeline 'imu': gap_policy = 'hold' needs the model's "
                                            r"sample rate"):
         start_daemon(write_config(tmp_path, broker.port, pipeline='gap_policy = "hold"'))
+
+
+def test_serve_check_names_a_time_option_the_model_cannot_serve(tmp_path, broker):
+    from edgernn.runtime.config import load_config
+    from edgernn.runtime.daemon import check
+
+    write_model(tmp_path / "model.ern")
+    with pytest.raises(EdgeRNNError, match=r"input_rate = 16\.0 needs the model's sample rate"):
+        check(load_config(write_config(tmp_path, broker.port, pipeline="input_rate = 16.0")))
+
+
+def test_a_reload_that_changes_the_sample_rate_finishes_what_the_old_grid_held(tmp_path, broker, model):
+    daemon = start_daemon(write_config(tmp_path, broker.port,
+                                       pipeline=f"input_rate = {2 * RATE}\nreorder_timeout_ms = 60000"))
+    sender = Client(broker.port)
+    try:
+        for j in range(4):  # cells {0}, {1, 2}; 3 opens the third
+            sender.publish("sensors/dev0/imu", payload(0, j, ts=T0 + j * P / 2))
+        assert wait_until(lambda: len(daemon.pipelines[0].timing.held_tokens()) == 1, 10)
+        edgernn.save(edgernn.Model(dataclasses.replace(model.spec, sample_rate=RATE / 2), model.weights),
+                     tmp_path / "model.ern")
+        daemon.reload()
+        assert wait_until(lambda: _timing(daemon).get("forgotten") == 1, 10), _timing(daemon)
+        assert daemon.pipelines[0].model.sample_period == 2 * P
+        assert wait_until(lambda: not daemon.scheduler._unacked, 10)  # its message acked
+        assert daemon.pipelines[0].timing.held_tokens() == []
+    finally:
+        sender.close(), daemon.stop()
 
 
 def test_options_off_leave_the_time_stage_out(tmp_path, broker, model):
