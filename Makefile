@@ -38,11 +38,15 @@ reliability: $(VENV)/.installed broker
 	set -e; for script in $(RELIABILITY); do \
 		$(PY) reliability/$$script.py --json benchmarks/results/reliability/$$script.json; done
 
-# The daemon's tests start their own Mosquitto; install it where it is missing (Debian/Raspberry Pi OS).
+# The daemon's tests start their own Mosquitto, the scale-out tests their own nats-server cluster; install
+# them where they are missing (Debian/Raspberry Pi OS: nats-server 2.9 is the Debian 12 package).
 broker:
 	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || { \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q mosquitto; }
+	@command -v nats-server >/dev/null 2>&1 || test -x /usr/sbin/nats-server || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q nats-server; }
 
 # Tests on aarch64 (the Pi target) under qemu-user, in an arm64 Debian 12 chroot cached in
 # /var/tmp/edgernn-arm64 (EDGERNN_ARM64_ROOT). Needs root; the first run builds the root (~6 min).

@@ -213,6 +213,26 @@ def _parser() -> argparse.ArgumentParser:
     warmup.add_argument("--config", required=True, metavar="FILE", help="the daemon's TOML config")
     warmup.add_argument("--json", metavar="FILE", help="also write the times and compile counts to FILE as JSON")
     warmup.set_defaults(run=_warmup)
+
+    cluster = commands.add_parser("cluster", help="scale-out over a NATS cluster (docs/scale-out.md)")
+    cluster_commands = cluster.add_subparsers(dest="cluster_command", metavar="COMMAND", required=True)
+    nats_config = cluster_commands.add_parser(
+        "config", parents=[common], help="write the nats-server config of each node",
+        description="The nats-server config of each node: JetStream, an MQTT listener with replicated sessions, "
+                    "routes to the other nodes, and the subject mappings that put each device topic of the "
+                    "daemon's pipelines into one of N partitions (workers subscribe to part/<p>/<filter>).")
+    nats_config.add_argument("--config", required=True, metavar="FILE", help="the daemon's TOML config (its pipelines)")
+    nats_config.add_argument("--partitions", required=True, type=_positive_int, metavar="N",
+                             help="how many partitions the device topics are spread over")
+    nats_config.add_argument("--node", action="append", required=True, dest="nodes", metavar="NAME=HOST[:PORTS]",
+                             help="a cluster node, NAME=HOST[:CLIENT[:CLUSTER[:MQTT[:HTTP]]]] (ports default to "
+                                  "4222, 6222, 1883, 8222); once per node")
+    nats_config.add_argument("--store-dir", default="/var/lib/nats-server/{node}", metavar="DIR",
+                             help="JetStream's directory; {node} is the node's name (default %(default)s)")
+    nats_config.add_argument("--ack-wait", default="10s", metavar="DURATION",
+                             help="how long an unacked QoS 1 message waits before it is sent again (default %(default)s)")
+    nats_config.add_argument("--out", metavar="DIR", help="write NAME.conf per node into DIR (default: print them)")
+    nats_config.set_defaults(run=_cluster_config)
     return parser
 
 
@@ -649,6 +669,26 @@ def _compile_cache_line(origin: str) -> str:
     if in_use is None:
         return "compile cache: not used (the NumPy kernels run: nothing to compile)"
     return f"compile cache: {in_use} ({origin})"
+
+
+def _cluster_config(args) -> int:
+    from pathlib import Path
+
+    from edgernn.runtime.config import load_config
+    from edgernn.runtime.nats_config import Node, pipeline_mappings, server_config
+
+    nodes = [Node.parse(text) for text in args.nodes]
+    mappings = pipeline_mappings(load_config(args.config).pipelines, args.partitions)
+    for node in nodes:
+        text = server_config(node, nodes, mappings, args.store_dir.replace("{node}", node.name), ack_wait=args.ack_wait)
+        if args.out:
+            path = Path(args.out) / f"{node.name}.conf"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            print(f"wrote {path}")
+        else:
+            print(text)
+    return 0
 
 
 def _warmup(args) -> int:
