@@ -171,8 +171,11 @@ def finish(name: str, results: dict, failures: list[str], json_path: Path | None
 # ---- seq-numbered streams and what their predictions say (crash_cycles.py, network_faults.py) ------------
 class StreamPublisher:
     """``streams`` devices (topic ``sensors/dev<k>/imu``) publishing `daemon_harness.payload` samples with seq
-    0, 1, 2, ... at ``rate`` Hz each, QoS 1, from a thread, straight to the broker. paho queues what it cannot
-    send while the broker is away and sends it, in order, once it is back. ``times[s]``: wall time of seq s."""
+    0, 1, 2, ... at ``rate`` Hz each, QoS 1, from a thread, straight to the broker. Like firmware, it keeps
+    what it cannot send while the broker is away and sends it in order once it is back: one message in
+    flight at a time (`Client.publish_in_order`), since paho, left to queue them itself, may send a message
+    published just after the reconnect before those it resends (seen: seqs 407..411 of every stream
+    overtaken, then dropped by the daemon as duplicates). ``times[s]``: wall time seq s was due."""
 
     def __init__(self, port: int, streams: int, rate: float, input_size: int = 3):
         self.client = Client(port)
@@ -180,11 +183,10 @@ class StreamPublisher:
         self.times: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
-        self._last = []
 
     @property
     def sent(self) -> int:
-        """Samples published per stream (seqs 0 .. sent - 1)."""
+        """Samples per stream taken (seqs 0 .. sent - 1); `stop` returns once the broker has them all."""
         return len(self.times)
 
     def start(self) -> "StreamPublisher":
@@ -192,23 +194,28 @@ class StreamPublisher:
         return self
 
     def _run(self) -> None:
-        due = time.monotonic()
-        while not self._stop.is_set():
-            seq = len(self.times)
-            self._last = [self.client.client.publish(f"sensors/dev{k}/imu",
-                                                     json.dumps(payload(k, seq, self.input_size)), qos=1)
-                          for k in range(self.streams)]
-            self.times.append(time.time())
-            due += 1.0 / self.rate
-            self._stop.wait(max(0.0, due - time.monotonic()))
+        due, waiting = time.monotonic(), deque()
+        while True:
+            now = time.monotonic()
+            while not self._stop.is_set() and due <= now:  # every sample due by now, in seq order
+                seq = len(self.times)
+                waiting.extend((f"sensors/dev{k}/imu", json.dumps(payload(k, seq, self.input_size)))
+                               for k in range(self.streams))
+                self.times.append(time.time() - (now - due))
+                due += 1.0 / self.rate
+            if waiting:
+                self.client.publish_in_order(*waiting[0], timeout=600)
+                waiting.popleft()
+            elif self._stop.is_set():
+                return
+            else:
+                self._stop.wait(max(0.0, due - time.monotonic()))
 
     def stop(self, timeout: float = 60.0) -> int:
-        """Stop publishing and wait until the broker has the last samples; returns `sent`. Idempotent."""
+        """Stop taking samples and wait until the broker has every one taken; returns `sent`. Idempotent."""
         if not self._stop.is_set():
             self._stop.set()
-            self._thread.join()
-            for info in self._last:
-                info.wait_for_publish(timeout)
+            self._thread.join(timeout)
             self.client.close()
         return self.sent
 
