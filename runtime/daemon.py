@@ -200,6 +200,8 @@ class Daemon:
         for pipeline in self.pipelines:
             try:
                 pipeline.store.snapshot(pipeline.table)
+                if pipeline.store.durability == "journal":
+                    self.scheduler.journal_unacked_effects(pipeline)
             except OSError as error:
                 written = False
                 log.error("pipeline %s: snapshot failed: %s", pipeline.name, error,

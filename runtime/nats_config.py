@@ -24,8 +24,9 @@ PARTITION_PREFIX = "part"
 MAX_PARTITIONS = 1024
 _NODE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _SUBJECT_LEVEL = re.compile(r"[A-Za-z0-9_-]+")
-"""Literal topic levels a mapping can carry unchanged: NATS writes an MQTT '.' as '//' and refuses
-spaces in subjects, so levels with other characters are refused rather than mapped wrongly."""
+"""Literal topic levels a mapping carries unchanged (NATS 2.9's MQTT refuses topics with '.' or ' ': a
+device whose id holds one is disconnected at its first publish, so it cannot be partitioned either)."""
+_DURATION = re.compile(r"[1-9][0-9]*(ms|s|m|h)")
 
 
 def fnv1a32(data: bytes) -> int:
@@ -116,6 +117,8 @@ def server_config(node: Node, nodes: list[Node], mappings: list[tuple[str, str]]
     replicas = min(len(nodes), 3) if replicas is None else replicas
     if not 1 <= replicas <= len(nodes):
         raise ValueError(f"replicas: must be from 1 to the number of nodes ({len(nodes)}), got {replicas}")
+    if not _DURATION.fullmatch(ack_wait):
+        raise ValueError(f"ack_wait: must be a duration like 10s, 500ms or 2m, got {ack_wait!r}")
     routes = "\n".join(f"    nats-route://{other.host}:{other.cluster_port}" for other in nodes if other != node)
     cluster = f"""
 cluster {{
@@ -138,7 +141,7 @@ jetstream {{
 {cluster}
 mqtt {{
   listen: {node.host}:{node.mqtt_port}
-  # sessions, messages and QoS 1 consumers survive the loss of a node
+  # sessions, messages and QoS 1 consumers on {replicas} node(s): with 3 they survive the loss of one
   stream_replicas: {replicas}
   consumer_replicas: {replicas}
   consumer_memory_storage: false

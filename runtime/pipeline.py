@@ -100,11 +100,12 @@ class Pipeline:
         A file that fails to load raises and leaves the current model serving.
         """
         model, backend = load_backend(self.config)
-        period_changed = model.sample_period != self.model.sample_period
+        # a stream's held samples and grid belong to the old period and input size: finished, unstepped
+        period_changed = (model.sample_period, model.input_size) != (self.model.sample_period, self.model.input_size)
         timing = make_timing(self.config, model) if period_changed else self.timing  # raises before any change
         if model.input_size != self.model.input_size:
             self.decoder, _ = make_codecs(self.config, model)
-        if period_changed:  # a stream's held samples and grid belong to the old period: finished, unstepped
+        if period_changed:
             self.count_timing()
             if self.timing is not None:
                 held = self.timing.held_tokens()
@@ -169,6 +170,14 @@ class Pipeline:
         stepped = np.zeros(len(keys), bool)
         if counts is None:
             counts = np.empty(len(keys), np.int64)
+        acks_only = seqs == ACK_SEQ  # journal-only rows: they must not touch the table (not even its LRU order)
+        if acks_only.any():
+            kept = np.flatnonzero(~acks_only)
+            keys, seqs, X = [keys[i] for i in kept], seqs[kept], X[kept]
+            counts_kept = np.empty(len(kept), np.int64)
+            Y[kept], stepped[kept] = self.advance(keys, seqs, X, now, counts=counts_kept)
+            counts[kept] = counts_kept
+            return Y, stepped
         for rows in _rounds(keys, self.table.max_streams):
             self._advance_round(rows, [keys[i] for i in rows], seqs[rows], X[rows], now, Y, stepped, counts)
         return Y, stepped

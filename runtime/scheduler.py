@@ -368,7 +368,17 @@ class Scheduler:
         released = []
         for index, row in enumerate(rows):
             decoded = row[3]
-            out = timing.offer(row[2], decoded.x, decoded.seq, decoded.ts, row, now)
+            try:
+                out = timing.offer(row[2], decoded.x, decoded.seq, decoded.ts, row, now)
+            except Exception:  # noqa: BLE001 -- a bug: this stream's held messages are finished, the rest go on
+                log.exception("pipeline %s: the time stage failed on stream %r; its held samples are dropped",
+                              pipeline.name, row[2], extra={"event": "batch_failed", "pipeline": pipeline.name})
+                pipeline.metrics.rejected(INTERNAL_ERROR).inc()
+                lost = timing.forget(row[2])
+                self._hold(row[0])  # finished below like the stream's held messages
+                pipeline.forgotten.extend(lost if any(token is row for token in lost) else lost + [row])
+                handled[index] = True
+                continue
             self._returned(out, row)
             released.append((row[2], row[4], out))
             handled[index] = True  # from here on the time stage or the steps below finish it
@@ -379,22 +389,50 @@ class Scheduler:
         """Step what the time stages release by ``now`` (reorder timeouts), and finish what they forgot
         (streams evicted or idle). The worker calls this every pass."""
         for pipeline in self.pipelines:
+            if pipeline.forgotten:  # also after a reload that left the pipeline without a time stage
+                self._finish_forgotten(pipeline)
             timing = pipeline.timing
             if timing is None:
                 continue
-            if pipeline.forgotten:
-                self._finish_forgotten(pipeline)
             deadline = timing.next_deadline()
             if deadline is not None and deadline <= now:
-                self._release(pipeline, timing.due(now))
+                self._release(pipeline, self._guarded(pipeline, timing.due, now))
 
     def release_all(self) -> None:
         """At a stop: step everything held (held samples in seq order, open cells emitted), so the final
         snapshot holds every message acked (`runtime.timing.Timing.drain`)."""
         for pipeline in self.pipelines:
             if pipeline.timing is not None:
-                self._release(pipeline, pipeline.timing.drain())
-                self._finish_forgotten(pipeline)
+                self._release(pipeline, self._guarded(pipeline, pipeline.timing.drain))
+            self._finish_forgotten(pipeline)
+
+    def _guarded(self, pipeline, call, *args) -> list:
+        """``call(*args)`` of the time stage; if it fails (a bug), every stream it holds is forgotten and its
+        messages finished: one failure must neither stop the worker nor keep messages unacked for ever."""
+        try:
+            return call(*args)
+        except Exception:  # noqa: BLE001
+            log.exception("pipeline %s: the time stage failed; its held samples are dropped", pipeline.name,
+                          extra={"event": "batch_failed", "pipeline": pipeline.name})
+            pipeline.forgotten.extend(pipeline.timing.forget_all())
+            self._finish_forgotten(pipeline)
+            return []
+
+    def journal_unacked_effects(self, pipeline) -> None:
+        """Right after a snapshot: journal (as `ACK_SEQ` rows, done at once) the delivery ids of messages whose
+        effects the snapshot holds but whose acks wait behind a message the time stage holds (acks leave in
+        receive order). After a crash the broker sends them again; the replay then expects them as copies
+        instead of stepping them a second time."""
+        with self._ack_lock:
+            waiting = [entry[0] for entry in self._unacked if entry[1]]
+        if not waiting:
+            return
+        rows = [(None, inbound) for inbound in waiting]
+        batch_no = pipeline.new_batch_no()
+        pipeline.store.append_batch(batch_no, [""] * len(rows), np.full(len(rows), ACK_SEQ, np.int64),
+                                    np.zeros((len(rows), pipeline.model.input_size), np.float32),
+                                    np.full(len(rows), np.nan), _deliveries(rows))
+        pipeline.store.mark_done(batch_no)
 
     def next_deadline(self) -> float | None:
         """The earliest reorder timeout of every pipeline (monotonic seconds), or None."""
@@ -495,7 +533,8 @@ class Scheduler:
             self._step(pipeline, step_rows, keys, np.array(seqs, np.int64), X, ts, deliveries, handled, journal_extra)
         except Exception:
             lost = [row[0] for done, row in zip(handled, step_rows) if not done]
-            pipeline.metrics.rejected(INTERNAL_ERROR).inc(sum(1 for row in step_rows if row[1] is not None))
+            pipeline.metrics.rejected(INTERNAL_ERROR).inc(sum(1 for done, row in zip(handled, step_rows)
+                                                              if not done and row[1] is not None))
             self._complete(*lost)
             raise
         if pipeline.forgotten:  # streams evicted by the steps above

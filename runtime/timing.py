@@ -217,6 +217,11 @@ class StreamTiming:
             self.skipped = deque(maxlen=SKIPPED_RANGES_KEPT)
         self.skipped.append((first, last))
 
+    def empty(self) -> bool:
+        """Holds nothing a later sample needs."""
+        return (self.released is None and self.last_ts is None and self.t0 is None and not self.heap
+                and not self.pending and not self.cell_count)
+
     def tokens(self) -> list:
         """Tokens of messages received and not finished."""
         return [entry[3] for entry in sorted(self.heap)] + self.cell_tokens + self.pending
@@ -261,9 +266,23 @@ class Timing:
         out = Released([], [])
         if self._window and seq is not None:
             self._reorder(key, stream, x, seq, ts, token, now, out)
+        elif seq is not None and self._time != self._pass and self._repeated(stream, seq):
+            out.dropped.append(token)
         else:
             self._time(stream, x, seq, ts, token, out)
+        if stream.empty():  # nothing to remember (all it sent was dropped): a flood of such keys stays bounded
+            del self._streams[key]
         return out
+
+    def _repeated(self, s: StreamTiming, seq: int) -> bool:
+        """Without a window: a seq not above the stream's last is a duplicate, dropped before it moves the
+        stream's clock or joins a cell (the pipeline's own check cannot see resampled steps' seqs)."""
+        last = s.released
+        if last is not None and seq <= last and last - seq < SEQ_RESTART_DISTANCE:
+            self.counters["duplicate"] += 1
+            return True
+        s.released = seq
+        return False
 
     def due(self, now: float) -> list[tuple[Any, Released]]:
         """Per stream, what waited too long by ``now``: the samples held ``reorder_timeout`` (and the
@@ -280,6 +299,9 @@ class Timing:
             if released is None:
                 released = out[stream.key] = Released([], [])
             if isinstance(what, _Wait):
+                if stream.heap:  # its next samples wait in the reorder window: they come first
+                    self._wait_from_now(stream)
+                    continue
                 self.counters["hold_timeout"] += 1
                 self._close_cell(stream, released)
                 released.dropped.extend(stream.pending)
@@ -318,6 +340,12 @@ class Timing:
             return []
         tokens = stream.tokens()
         self.counters["forgotten"] += len(tokens)
+        return tokens
+
+    def forget_all(self) -> list:
+        """Drop every stream; the tokens they held (see `forget`)."""
+        tokens = [token for key in list(self._streams) for token in self.forget(key)]
+        self._deadlines.clear()
         return tokens
 
     def drain(self) -> list[tuple[Any, Released]]:

@@ -60,6 +60,19 @@ def _live_batch(p: Pipeline, keys: list[str], seqs: list[int], X: np.ndarray) ->
     p.advance(keys, seqs, X)
 
 
+def test_journal_only_rows_leave_the_stream_table_as_it_was_live(tmp_path):
+    """`ACK_SEQ` rows (runtime/pipeline.py) were never stepped live: on replay they must not even touch the
+    table's LRU order, or a later new key evicts another stream than it did live."""
+    from edgernn.runtime.pipeline import ACK_SEQ
+
+    write_model(tmp_path / "model.ern")
+    p, _ = _open_pipeline(tmp_path, pipeline="max_streams = 2")
+    x = np.ones((3, 3), np.float32)
+    p.advance(["K", "L", "K"], np.array([-1, -1, ACK_SEQ]), x)  # live: K stepped, L stepped, then K's extra message
+    p.advance(["M"], np.array([-1]), x[:1])  # evicts the least recently stepped: K
+    assert sorted(p.table.keys()) == ["L", "M"]
+
+
 def test_a_wall_clock_jump_does_not_make_every_stream_idle(tmp_path):
     """A Pi without a real-time clock sets its time by NTP after boot: wall time leaps ahead while the
     monotonic clock does not. Idle resets must follow real silence, not the leap."""

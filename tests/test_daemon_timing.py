@@ -248,7 +248,7 @@ def test_kill_9_replays_the_time_stages_steps_from_the_journal(tmp_path, broker,
         after = [(payload(0, len(TICKS) + j, ts=T0 + (22 + j) * P), 1) for j in range(3)]
         want = _run(model, xs + [sample(0, len(TICKS) + j) for j in range(3)], resets=[ticks.index(20)])[-3:]
     else:  # cells of two samples; the last one closes by the timeout before the kill
-        options = f"input_rate = {2 * RATE}\nreorder_timeout_ms = 100"
+        options = f"input_rate = {2 * RATE}\nreorder_timeout_ms = 300"
         xs, means = _cell_means()
         before = [(payload(0, j, ts=T0 + j * P / 2), int(j > 0 and j % 2 == 1)) for j in range(N_FAST)]
         before[-1] = (before[-1][0], 1)  # the last cell, closed by the timeout
@@ -271,6 +271,38 @@ def test_kill_9_replays_the_time_stages_steps_from_the_journal(tmp_path, broker,
         _publish_each(sender, collector, after)
         got = [json.loads(raw) for _, raw in collector.wait_for(0, timeout=0)[seen:]]
         got = [body for body in got if body["ts"] >= T0 + (22 * P if mode == "fill_and_reset" else N_FAST * P / 2)]
+        np.testing.assert_allclose([body["y"] for body in got], want, atol=ATOL)
+    finally:
+        sender.close(), collector.close()
+        if process.process.poll() is None:
+            process.terminate()
+
+
+def test_kill_9_after_a_snapshot_taken_while_messages_were_held_steps_nothing_twice(tmp_path, broker, model):
+    """Acks leave in receive order: B's first cell, done, waits behind A's open cell when a snapshot is taken.
+    The snapshot holds B0's effect, the broker still has B0 unacked: after kill -9 it comes again and must be
+    recognised as a copy, not stepped a second time (resampled steps have no seq to catch it)."""
+    config = write_config(tmp_path, broker.port, pipeline=f"input_rate = {2 * RATE}\nreorder_timeout_ms = 60000",
+                          state='durability = "journal"\nsnapshot_interval = 0.3', log_level="info")
+    collector = Client(broker.port, subscribe="predictions/#")
+    sender = Client(broker.port)
+    process = DaemonProcess(config, tmp_path / "daemon.log")
+    b = [sample(1, j) for j in range(3)]
+    try:
+        process.start()
+        sender.publish("sensors/devA/imu", payload(0, 0, ts=T0))  # A's cell stays open: held, unacked
+        sender.publish("sensors/devB/imu", payload(1, 0, ts=T0))
+        sender.publish("sensors/devB/imu", payload(1, 1, ts=T0 + P / 2))  # closes B's first cell: B0 done
+        assert len(collector.wait_for(1)) == 1
+        time.sleep(1.5)  # snapshots taken meanwhile, B0 in them, its ack behind A0's
+        process.kill()
+        process.start()
+        sender.publish("sensors/devB/imu", payload(1, 2, ts=T0 + P))  # closes the cell B1 opened after the restart
+        assert wait_until(lambda: len(_bodies(collector)) >= 2, 20)
+        time.sleep(0.5)
+        got = [body for body in _bodies(collector) if body["key"] == "devB"]
+        assert len({body["ts"] for body in got}) == len(got) == 2, got  # B0's cell not made again
+        want = _run(model, [b[0], b[1]])  # the grid starts again at B1, the first sample after the restart
         np.testing.assert_allclose([body["y"] for body in got], want, atol=ATOL)
     finally:
         sender.close(), collector.close()
@@ -319,7 +351,8 @@ def test_serve_check_names_a_time_option_the_model_cannot_serve(tmp_path, broker
         check(load_config(write_config(tmp_path, broker.port, pipeline="input_rate = 16.0")))
 
 
-def test_a_reload_that_changes_the_sample_rate_finishes_what_the_old_grid_held(tmp_path, broker, model):
+@pytest.mark.parametrize("new_rate", [RATE / 2, 2 * RATE])  # another grid; the devices' own rate: no stage
+def test_a_reload_that_changes_the_sample_rate_finishes_what_the_old_grid_held(tmp_path, broker, model, new_rate):
     daemon = start_daemon(write_config(tmp_path, broker.port,
                                        pipeline=f"input_rate = {2 * RATE}\nreorder_timeout_ms = 60000"))
     sender = Client(broker.port)
@@ -327,13 +360,14 @@ def test_a_reload_that_changes_the_sample_rate_finishes_what_the_old_grid_held(t
         for j in range(4):  # cells {0}, {1, 2}; 3 opens the third
             sender.publish("sensors/dev0/imu", payload(0, j, ts=T0 + j * P / 2))
         assert wait_until(lambda: len(daemon.pipelines[0].timing.held_tokens()) == 1, 10)
-        edgernn.save(edgernn.Model(dataclasses.replace(model.spec, sample_rate=RATE / 2), model.weights),
+        edgernn.save(edgernn.Model(dataclasses.replace(model.spec, sample_rate=new_rate), model.weights),
                      tmp_path / "model.ern")
         daemon.reload()
         assert wait_until(lambda: _timing(daemon).get("forgotten") == 1, 10), _timing(daemon)
-        assert daemon.pipelines[0].model.sample_period == 2 * P
+        assert daemon.pipelines[0].model.sample_period == 1 / new_rate
         assert wait_until(lambda: not daemon.scheduler._unacked, 10)  # its message acked
-        assert daemon.pipelines[0].timing.held_tokens() == []
+        timing = daemon.pipelines[0].timing
+        assert timing is None if new_rate == 2 * RATE else timing.held_tokens() == []
     finally:
         sender.close(), daemon.stop()
 

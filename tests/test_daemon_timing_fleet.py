@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import edgernn
-from broker import Client, mosquitto_binary
+from broker import Client, Mosquitto, mosquitto_binary
 from daemon_harness import start_daemon, wait_until, write_config, write_model
 from edgernn.runtime.codecs import Decoder
 from edgernn.firmware_sim.faults import Faults
@@ -30,6 +30,15 @@ ATOL = 1e-5
 MODEL_RATE = 50.0
 P = 1.0 / MODEL_RATE
 IMU_CHANNELS = 6
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """Mosquitto without an in-flight limit, as README "Time, order and gaps" advises: a held message holds
+    back every later ack, and Mosquitto's default window of 20 would then stall the deliveries."""
+    server = Mosquitto(tmp_path / "broker", extra_config="max_inflight_messages 0").start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -92,6 +92,8 @@ def test_server_config_routes_to_the_other_nodes_and_replicates_mqtt():
     assert '"a.*": "part.{{partition(2,1)}}.a.{{wildcard(1)}}"' in text
     with pytest.raises(ValueError, match="names must be distinct"):
         server_config(nodes[0], [nodes[0], nodes[0]], [], "/data")
+    with pytest.raises(ValueError, match="ack_wait: must be a duration"):
+        server_config(nodes[0], nodes, [], "/data", ack_wait="10 s")
 
 
 @needs_nats
@@ -116,17 +118,20 @@ def test_a_three_node_cluster_puts_each_device_into_the_partition_predicted(tmp_
     cluster = NatsCluster(tmp_path / "nats", 3, [partition_mapping("sensors/+/imu", None, partitions)]).start()
     received: dict[int, list[str]] = {p: [] for p in range(partitions)}
     lock = threading.Lock()
+    subscribed = threading.Semaphore(0)
     workers = []
     try:
         cluster.wait_ready()
         for p in range(partitions):  # a persistent session per partition, spread over the nodes
             worker = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"edgernn-test-part-{p}", clean_session=False)
             worker.on_message = lambda c, u, m, p=p: (lock.acquire(), received[p].append(m.topic), lock.release())
+            worker.on_subscribe = lambda *args: subscribed.release()
             worker.connect("127.0.0.1", cluster.nodes[p % 3].mqtt_port)
             worker.loop_start()
             assert worker.subscribe(partition_filter("sensors/+/imu", p), qos=1)[0] == paho.MQTT_ERR_SUCCESS
             workers.append(worker)
-        time.sleep(1.0)  # the SUBACKs
+        for _ in range(partitions):  # each SUBACK: the replicated consumer exists
+            assert subscribed.acquire(timeout=60), "a partition's subscription was not acknowledged"
         device = paho.Client(CallbackAPIVersion.VERSION2, client_id="edgernn-test-devices")
         device.connect("127.0.0.1", cluster.nodes[2].mqtt_port)
         device.loop_start()

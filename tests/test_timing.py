@@ -475,6 +475,28 @@ def test_a_sample_that_completes_no_grid_point_is_finished_when_its_stream_falls
     np.testing.assert_allclose(later[0].x, X[1] + (P - 0.1) / 0.2 * (X[2].astype(np.float64) - X[1]), **TOL)
 
 
+@pytest.mark.parametrize("options", [dict(gap_policy="interpolate", max_fill=10), dict(input_rate=16.0)])
+def test_without_a_window_a_repeated_seq_is_dropped_before_it_moves_the_clock_or_joins_a_cell(options):
+    timing = Timing(TimingPolicy(sample_period=P, **options))
+    X = xs(4)
+    steps, dropped = feed(timing, [(0, 0.0, X[0], 0), (1, P / 2, X[1], 1), (0, 0.0, X[0], "again"),
+                                   (2, P, X[2], 2), (3, 3 * P / 2, X[3], 3)])
+    assert dropped == ["again"] and timing.counters["duplicate"] == 1
+    assert timing.counters["ts_backwards"] == 0 and timing.counters["filled"] == 0
+    if "input_rate" in options:  # cell 1 = samples 1 and 2, not the repeat
+        np.testing.assert_allclose(steps[1].x, (X[1].astype(np.float64) + X[2]) / 2, **TOL)
+    _, kept = feed(timing, [(SEQ_RESTART_DISTANCE + 3, 2 * P, X[0], 4), (0, 5 * P / 2, X[1], "restarted")])
+    assert kept == [] and timing.counters["duplicate"] == 1  # far below the last: a restarted counter, kept
+
+
+def test_a_key_whose_samples_are_all_dropped_leaves_nothing_behind():
+    timing = Timing(TimingPolicy(sample_period=P, input_rate=16.0))
+    for i in range(1000):
+        _, dropped = feed(timing, [(None, None, xs(1)[0], i)], key=f"k{i}")  # no ts: no place on the grid
+        assert dropped == [i]
+    assert len(timing) == 0
+
+
 # ---- everything together -------------------------------------------------------------------------
 @st.composite
 def shuffled_gapped_streams(draw):
