@@ -106,11 +106,9 @@ class Pipeline:
         if model.input_size != self.model.input_size:
             self.decoder, _ = make_codecs(self.config, model)
         if period_changed:
-            self.count_timing()
             if self.timing is not None:
-                held = self.timing.held_tokens()
-                self.metrics.timing("forgotten").inc(len(held))
-                self.forgotten.extend(held)
+                self.forgotten.extend(self.timing.forget_all())  # counted as "forgotten"
+                self.count_timing()
             self.timing = timing
             self._timing_counted = dict.fromkeys(timing.counters, 0) if timing is not None else {}
         kept = model.spec.state_shapes == self.model.spec.state_shapes

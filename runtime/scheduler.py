@@ -24,6 +24,7 @@ Nothing here blocks on the network: completions arrive on paho's thread and only
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -427,11 +428,9 @@ class Scheduler:
             waiting = [entry[0] for entry in self._unacked if entry[1]]
         if not waiting:
             return
-        rows = [(None, inbound) for inbound in waiting]
         batch_no = pipeline.new_batch_no()
-        pipeline.store.append_batch(batch_no, [""] * len(rows), np.full(len(rows), ACK_SEQ, np.int64),
-                                    np.zeros((len(rows), pipeline.model.input_size), np.float32),
-                                    np.full(len(rows), np.nan), _deliveries(rows))
+        pipeline.store.append_batch(batch_no, *_ack_rows([("", inbound) for inbound in waiting],
+                                                         pipeline.model.input_size))
         pipeline.store.mark_done(batch_no)
 
     def next_deadline(self) -> float | None:
@@ -461,13 +460,7 @@ class Scheduler:
     def _returned(self, out, offered) -> None:
         """Bookkeeping of the tokens one offer (``offered``: its row) or one release handed back."""
         offered_back = False
-        for step in out.steps:
-            for token in step.tokens:
-                if token is offered:
-                    offered_back = True
-                else:
-                    self._unhold(token[0])
-        for token in out.dropped:
+        for token in itertools.chain(*(step.tokens for step in out.steps), out.dropped):
             if token is offered:
                 offered_back = True
             else:
@@ -521,16 +514,11 @@ class Scheduler:
         try:
             keys = [row[2] for row in step_rows]
             X = np.stack([row[3].x for row in step_rows])
-            ts = np.fromiter((np.nan if row[3].ts is None else row[3].ts for row in step_rows), np.float64,
-                             len(step_rows))
-            deliveries = _deliveries(step_rows)
             journal_extra = None
             if extra and pipeline.store.durability == "journal":
-                extra_rows = [(None, inbound) for _, inbound in extra]
-                journal_extra = ([key for key, _ in extra], np.full(len(extra), ACK_SEQ, np.int64),
-                                 np.zeros((len(extra), X.shape[1]), np.float32), np.full(len(extra), np.nan),
-                                 _deliveries(extra_rows))
-            self._step(pipeline, step_rows, keys, np.array(seqs, np.int64), X, ts, deliveries, handled, journal_extra)
+                journal_extra = _ack_rows(extra, X.shape[1])
+            self._step(pipeline, step_rows, keys, np.array(seqs, np.int64), X, _timestamps(step_rows),
+                       _deliveries(step_rows), handled, journal_extra)
         except Exception:
             lost = [row[0] for done, row in zip(handled, step_rows) if not done]
             pipeline.metrics.rejected(INTERNAL_ERROR).inc(sum(1 for done, row in zip(handled, step_rows)
@@ -554,6 +542,14 @@ class Scheduler:
 def _deliveries(rows) -> np.ndarray:
     return np.fromiter((delivery_id(i.mid, i.topic, i.payload) if i is not None and i.qos else 0
                         for _, i, *_ in rows), np.uint64, len(rows))
+
+
+def _ack_rows(messages: list, input_size: int) -> tuple:
+    """Journal columns (keys, seqs, X, ts, deliveries) of `ACK_SEQ` rows for [(key, inbound)]: rows a replay
+    does not step, only expects the broker's copies of."""
+    n = len(messages)
+    return ([key for key, _ in messages], np.full(n, ACK_SEQ, np.int64), np.zeros((n, input_size), np.float32),
+            np.full(n, np.nan), _deliveries([(None, inbound) for _, inbound in messages]))
 
 
 def _nothing() -> None:

@@ -265,7 +265,7 @@ class Timing:
             stream = self._streams[key] = StreamTiming(key)
         out = Released([], [])
         if self._window and seq is not None:
-            self._reorder(key, stream, x, seq, ts, token, now, out)
+            self._reorder(stream, x, seq, ts, token, now, out)
         elif seq is not None and self._time != self._pass and self._repeated(stream, seq):
             out.dropped.append(token)
         else:
@@ -295,13 +295,13 @@ class Timing:
             _, _, stream, what = heapq.heappop(deadlines)
             if not self._live(stream, what):
                 continue
+            if isinstance(what, _Wait) and stream.heap:  # its next samples wait in the reorder window: first
+                self._wait_from_now(stream)
+                continue
             released = out.get(stream.key)
             if released is None:
                 released = out[stream.key] = Released([], [])
             if isinstance(what, _Wait):
-                if stream.heap:  # its next samples wait in the reorder window: they come first
-                    self._wait_from_now(stream)
-                    continue
                 self.counters["hold_timeout"] += 1
                 self._close_cell(stream, released)
                 released.dropped.extend(stream.pending)
@@ -369,7 +369,7 @@ class Timing:
         return [token for stream in self._streams.values() for token in stream.tokens()]
 
     # ---- reorder stage ---------------------------------------------------------------------------
-    def _reorder(self, key, s: StreamTiming, x, seq: int, ts, token, now: float, out: Released) -> None:
+    def _reorder(self, s: StreamTiming, x, seq: int, ts, token, now: float, out: Released) -> None:
         counters = self.counters
         if s.released is not None:
             if s.released - seq >= SEQ_RESTART_DISTANCE:

@@ -22,10 +22,25 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_model(path: Path, cell: str = "gru", seed: int = 0, input_size: int = 3, hidden: int = 12,
-                head: tuple = (2,)) -> "edgernn.Model":
+                head: tuple = (2,), sample_rate: float | None = None) -> "edgernn.Model":
     model = random_model(cell, seed=seed, input_size=input_size, hidden=hidden, head=head)
+    if sample_rate is not None:
+        model = with_sample_rate(model, sample_rate)
     edgernn.save(model, path)
     return edgernn.load(path)
+
+
+def with_sample_rate(model, sample_rate: float) -> "edgernn.Model":
+    """``model`` with the sample rate its file records (`edgernn convert --sample-rate`)."""
+    import dataclasses
+
+    return edgernn.Model(dataclasses.replace(model.spec, sample_rate=sample_rate), model.weights)
+
+
+def timing_counts(daemon, pipeline: str = "imu") -> dict:
+    """``edgernn_timing_total`` of ``pipeline`` by reason, the reasons counted so far only."""
+    children = daemon.metrics.pipeline(pipeline)._timing.items()
+    return {reason: int(child._value.get()) for reason, child in children if child._value.get()}
 
 
 def write_config(directory: Path, port: int, pipeline: str = "", top: str = "", state: str = "",

@@ -7,7 +7,6 @@ resample first, then `Model.run` -- and compares every published prediction with
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 
@@ -16,8 +15,8 @@ import pytest
 
 import edgernn
 from broker import Client, mosquitto_binary
-from daemon_harness import (DaemonProcess, offline, payload, sample, start_daemon, wait_until, write_config,
-                            write_model)
+from daemon_harness import (DaemonProcess, offline, payload, sample, start_daemon, timing_counts, wait_until,
+                            with_sample_rate, write_config, write_model)
 from edgernn.errors import EdgeRNNError
 
 pytestmark = [pytest.mark.broker,
@@ -32,17 +31,9 @@ T0 = 1000.0
 @pytest.fixture
 def model(tmp_path):
     """A GRU whose file says it runs at 8 Hz."""
-    plain = write_model(tmp_path / "model.ern")
-    edgernn.save(edgernn.Model(dataclasses.replace(plain.spec, sample_rate=RATE), plain.weights), tmp_path / "model.ern")
-    model = edgernn.load(tmp_path / "model.ern")
+    model = write_model(tmp_path / "model.ern", sample_rate=RATE)
     assert model.sample_period == P
     return model
-
-
-def _timing(daemon) -> dict:
-    """edgernn_timing_total per reason, as the metrics say."""
-    metrics = daemon.metrics.pipeline("imu")
-    return {reason: int(child._value.get()) for reason, child in metrics._timing.items() if child._value.get()}
 
 
 def _bodies(collector) -> list[dict]:
@@ -90,8 +81,8 @@ def test_samples_shuffled_within_the_window_are_stepped_in_seq_order_and_a_late_
         got = collector.predictions()["dev0"]
         assert sorted(got) == list(range(16)) + [17, 18]
         np.testing.assert_allclose([got[17], got[18]], offline(model, 0, list(range(16)) + [17, 18])[16:], atol=ATOL)
-        assert wait_until(lambda: _timing(daemon).get("duplicate") == 1, 10)
-        counted = _timing(daemon)
+        assert wait_until(lambda: timing_counts(daemon).get("duplicate") == 1, 10)
+        counted = timing_counts(daemon)
         reordered = sum(seq < max(order[:index], default=-1) for index, seq in enumerate(order))
         assert counted["late"] == 1 and counted["seq_skipped"] == 1 and counted["reordered"] == reordered == 9
         assert set(counted) == {"late", "duplicate", "seq_skipped", "reordered"}
@@ -142,7 +133,7 @@ def test_gaps_in_ts_are_filled_up_to_max_fill_and_reset_past_it(tmp_path, broker
         np.testing.assert_allclose([got[T0 + ticks[i] * P] for i in shown], want[shown], atol=ATOL)
         assert all(("seq" in body) == (body["ts"] in [T0 + t * P for t in TICKS]) for body in _bodies(collector))
         metrics = daemon.metrics.pipeline("imu")
-        assert wait_until(lambda: _timing(daemon) == {"gap": 3, "filled": 4, "gap_reset": 1}, 10), _timing(daemon)
+        assert wait_until(lambda: timing_counts(daemon) == {"gap": 3, "filled": 4, "gap_reset": 1}, 10), timing_counts(daemon)
         assert metrics.resets("gap")._value.get() == 1
         assert metrics.filled_published._value.get() == (4 if publish_filled else 0)
         assert metrics.messages_out._value.get() == expected
@@ -162,8 +153,8 @@ def test_bad_ts_is_counted_and_the_sample_still_stepped(tmp_path, broker, model)
         got = collector.predictions()["dev0"]
         want = _run(model, [sample(0, seq) for seq in range(len(stamps))], resets=[7])
         np.testing.assert_allclose([got[seq] for seq in range(len(stamps))], want, atol=ATOL)
-        assert wait_until(lambda: _timing(daemon) == {"ts_missing": 1, "ts_backwards": 1, "ts_out_of_range": 1,
-                                                      "gap": 1, "gap_reset": 1}, 10), _timing(daemon)
+        assert wait_until(lambda: timing_counts(daemon) == {"ts_missing": 1, "ts_backwards": 1, "ts_out_of_range": 1,
+                                                      "gap": 1, "gap_reset": 1}, 10), timing_counts(daemon)
     finally:
         sender.close(), collector.close(), daemon.stop()
 
@@ -196,10 +187,10 @@ def test_a_device_at_twice_the_model_rate_is_averaged_onto_its_grid(tmp_path, br
         assert sorted(got) == [T0 + k * P for k in range(cells)]
         np.testing.assert_allclose([got[T0 + k * P] for k in range(cells)], want, atol=ATOL)
         assert all("seq" not in body for body in _bodies(collector))
-        assert wait_until(lambda: _timing(daemon) == {"hold_timeout": 1}, 10), _timing(daemon)
+        assert wait_until(lambda: timing_counts(daemon) == {"hold_timeout": 1}, 10), timing_counts(daemon)
         assert daemon.scheduler.wait_idle(5) and not daemon.pipelines[0].timing.held_tokens()
         sender.publish("sensors/dev0/imu", payload(0, N_FAST, ts=T0 + 6.25 * P))  # in the closed last cell
-        assert wait_until(lambda: _timing(daemon).get("late") == 1, 10)
+        assert wait_until(lambda: timing_counts(daemon).get("late") == 1, 10)
         assert len(collector.wait_for(0, timeout=0.5)) == cells
     finally:
         sender.close(), collector.close(), daemon.stop()
@@ -326,7 +317,7 @@ def test_a_stream_evicted_or_reset_when_idle_acks_what_its_time_stage_held(tmp_p
             for seq in range(6):
                 sender.publish("sensors/dev1/imu", payload(1, seq))
             assert collector.wait_for_distinct(12) == 12
-        assert wait_until(lambda: _timing(daemon).get("forgotten") == 1, 10), _timing(daemon)
+        assert wait_until(lambda: timing_counts(daemon).get("forgotten") == 1, 10), timing_counts(daemon)
         assert wait_until(lambda: not daemon.scheduler._unacked, 10)  # acked: nothing holds the later acks back
         assert daemon.pipelines[0].timing.held_tokens() == []
         assert sorted(collector.predictions()["dev0"]) == list(range(6))
@@ -360,10 +351,9 @@ def test_a_reload_that_changes_the_sample_rate_finishes_what_the_old_grid_held(t
         for j in range(4):  # cells {0}, {1, 2}; 3 opens the third
             sender.publish("sensors/dev0/imu", payload(0, j, ts=T0 + j * P / 2))
         assert wait_until(lambda: len(daemon.pipelines[0].timing.held_tokens()) == 1, 10)
-        edgernn.save(edgernn.Model(dataclasses.replace(model.spec, sample_rate=new_rate), model.weights),
-                     tmp_path / "model.ern")
+        edgernn.save(with_sample_rate(model, new_rate), tmp_path / "model.ern")
         daemon.reload()
-        assert wait_until(lambda: _timing(daemon).get("forgotten") == 1, 10), _timing(daemon)
+        assert wait_until(lambda: timing_counts(daemon).get("forgotten") == 1, 10), timing_counts(daemon)
         assert daemon.pipelines[0].model.sample_period == 1 / new_rate
         assert wait_until(lambda: not daemon.scheduler._unacked, 10)  # its message acked
         timing = daemon.pipelines[0].timing

@@ -9,16 +9,14 @@ it, and the counters per reason must match what the faults did.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 
 import numpy as np
 import pytest
 
-import edgernn
 from broker import Client, Mosquitto, mosquitto_binary
-from daemon_harness import start_daemon, wait_until, write_config, write_model
+from daemon_harness import start_daemon, timing_counts, wait_until, write_config, write_model
 from edgernn.runtime.codecs import Decoder
 from edgernn.firmware_sim.faults import Faults
 from edgernn.firmware_sim.fleet import Fleet
@@ -43,10 +41,7 @@ def broker(tmp_path):
 
 @pytest.fixture
 def model(tmp_path):
-    plain = write_model(tmp_path / "model.ern", input_size=IMU_CHANNELS)
-    edgernn.save(edgernn.Model(dataclasses.replace(plain.spec, sample_rate=MODEL_RATE), plain.weights),
-                 tmp_path / "model.ern")
-    return edgernn.load(tmp_path / "model.ern")
+    return write_model(tmp_path / "model.ern", input_size=IMU_CHANNELS, sample_rate=MODEL_RATE)
 
 
 def _published(device) -> list[tuple[int, float, np.ndarray]]:
@@ -115,11 +110,6 @@ def _predictions(collector) -> dict[str, list[tuple[float, list]]]:
     return out
 
 
-def _timing(daemon) -> dict:
-    metrics = daemon.metrics.pipeline("imu")
-    return {reason: int(child._value.get()) for reason, child in metrics._timing.items() if child._value.get()}
-
-
 def _fleet(broker, rate: float, faults: Faults, seed: int) -> dict:
     fleet = Fleet("imu", 3, rate, port=broker.port, seed=seed, faults=faults, jitter=0.1, record=True)
     stats = fleet.run(3.0)
@@ -152,8 +142,8 @@ def test_reordered_dropped_duplicated_and_jittered_streams_equal_the_offline_pol
             np.testing.assert_allclose(np.array([y for _, y in got[device_id]]), ys, atol=ATOL)
         reordered = sum(b < a for d in fleet.devices for a, b in zip([m.seq for m in d.record],
                                                                      [m.seq for m in d.record][1:]))
-        assert wait_until(lambda: _timing(daemon).get("duplicate") == faults["duplicate"], 10), _timing(daemon)
-        counted = _timing(daemon)
+        assert wait_until(lambda: timing_counts(daemon).get("duplicate") == faults["duplicate"], 10), timing_counts(daemon)
+        counted = timing_counts(daemon)
         assert counted.get("seq_skipped", 0) == skipped and counted.get("gap", 0) == gaps
         assert counted.get("filled", 0) == fills and counted.get("reordered", 0) == reordered > 0
         assert set(counted) <= {"duplicate", "seq_skipped", "gap", "filled", "reordered", "gap_reset"}
@@ -177,8 +167,8 @@ def test_devices_at_twice_the_model_rate_with_faults_equal_the_offline_resamplin
             np.testing.assert_allclose([t for t, _ in got[device_id]], [t for t, _ in points], rtol=0, atol=1e-9)
             want = model.run(np.stack([x for _, x in points]), model.new_state())
             np.testing.assert_allclose(np.array([y for _, y in got[device_id]]), want, atol=ATOL)
-        assert wait_until(lambda: _timing(daemon).get("hold_timeout") == len(fleet.devices), 10), _timing(daemon)
-        counted = _timing(daemon)
+        assert wait_until(lambda: timing_counts(daemon).get("hold_timeout") == len(fleet.devices), 10), timing_counts(daemon)
+        counted = timing_counts(daemon)
         assert counted.get("duplicate") == stats["faults"]["duplicate"] > 0 and counted.get("reordered", 0) > 0
         assert "late" not in counted and "gap_reset" not in counted
     finally:
