@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # torch==2.13.0 is the CPU build (a plain `torch` can pull a multi-GB CUDA build).
 DEV_INSTALL := -e '.[dev]' 'torch==2.13.0'
 
-.PHONY: demo test bench bench-daemon bench-fleet reliability broker clean clean-cache test-arm64
+.PHONY: demo test bench bench-daemon bench-fleet bench-cluster reliability broker clean clean-cache test-arm64
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,9 +30,13 @@ bench-daemon: $(VENV)/.installed broker
 bench-fleet: $(VENV)/.installed broker
 	$(PY) benchmarks/fleet_capacity.py
 
+# Scale-out: 1, 2 and 3 workers behind a 3-node NATS cluster of its own, against a bare relay (needs nats-server).
+bench-cluster: $(VENV)/.installed broker
+	$(PY) benchmarks/cluster_throughput.py --json benchmarks/results/cluster_throughput.json
+
 # The long reliability runs of docs/reliability.md (about an hour in all; `make test` runs their quick modes).
 # Each writes its figures to benchmarks/results/reliability/<name>.json.
-RELIABILITY := soak fuzz_live flood crash_cycles network_faults
+RELIABILITY := soak fuzz_live flood crash_cycles network_faults cluster_faults
 reliability: $(VENV)/.installed broker
 	mkdir -p benchmarks/results/reliability
 	set -e; for script in $(RELIABILITY); do \

@@ -231,8 +231,19 @@ def _parser() -> argparse.ArgumentParser:
                              help="JetStream's directory; {node} is the node's name (default %(default)s)")
     nats_config.add_argument("--ack-wait", default="10s", metavar="DURATION",
                              help="how long an unacked QoS 1 message waits before it is sent again (default %(default)s)")
+    nats_config.add_argument("--max-ack-pending", type=_positive_int, default=8192, metavar="N",
+                             help="unacked QoS 1 messages per session; above a partition's msg/s x the workers' "
+                                  "checkpoint_interval (default %(default)s)")
     nats_config.add_argument("--out", metavar="DIR", help="write NAME.conf per node into DIR (default: print them)")
     nats_config.set_defaults(run=_cluster_config)
+    status = cluster_commands.add_parser(
+        "status", parents=[common], help="who serves which partition, and each partition's lag",
+        description="Reads the [cluster] of the daemon's config: for each partition the worker holding its lease "
+                    "(since when, last renewal, checkpoints), and its lag: messages NATS holds for it that are not "
+                    "acked yet (waiting, or delivered and awaiting the next checkpoint).")
+    status.add_argument("--config", required=True, metavar="FILE", help="a worker's TOML config (its [cluster])")
+    status.add_argument("--json", action="store_true", help="one JSON object per partition instead of a table")
+    status.set_defaults(run=_cluster_status)
     return parser
 
 
@@ -538,6 +549,10 @@ def _serve(args) -> int:
     logging.getLogger("edgernn").propagate = False  # one line per event: not again through main's stderr handler
     logging.getLogger("edgernn.runtime").info("config loaded from %s", args.config,
                                               extra={"event": "config", "config": redacted(config)})
+    if config.cluster is not None:
+        from edgernn.runtime.cluster import ClusterWorker
+
+        return ClusterWorker(config).run()
     return Daemon(config).run()
 
 
@@ -680,7 +695,8 @@ def _cluster_config(args) -> int:
     nodes = [Node.parse(text) for text in args.nodes]
     mappings = pipeline_mappings(load_config(args.config).pipelines, args.partitions)
     for node in nodes:
-        text = server_config(node, nodes, mappings, args.store_dir.replace("{node}", node.name), ack_wait=args.ack_wait)
+        text = server_config(node, nodes, mappings, args.store_dir.replace("{node}", node.name), ack_wait=args.ack_wait,
+                             max_ack_pending=args.max_ack_pending)
         if args.out:
             path = Path(args.out) / f"{node.name}.conf"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -689,6 +705,32 @@ def _cluster_config(args) -> int:
         else:
             print(text)
     return 0
+
+
+def _cluster_status(args) -> int:
+    from edgernn.runtime.config import load_config
+
+    config = load_config(args.config)
+    if config.cluster is None:
+        print(f"edgernn: {args.config}: has no [cluster] section", file=sys.stderr)
+        return 2
+    from edgernn.runtime.cluster import cluster_status
+
+    rows = cluster_status(config)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    print(f"{'partition':>9}  {'worker':<20} {'renewed':>8} {'lag':>7} {'streams':>8} {'checkpoints':>11} {'ms':>6}")
+    for row in rows:
+        renewed = "-" if row["worker"] is None else f"{row['renewed_ago']:g} s"
+        print(f"{row['partition']:>9}  {row['worker'] or '(free)':<20} {renewed:>8} {_dash(row['lag']):>7} "
+              f"{_dash(row.get('streams')):>8} {_dash(row.get('checkpoints')):>11} {_dash(row.get('checkpoint_ms')):>6}")
+    return 0
+
+
+def _dash(value) -> str:
+    return "-" if value is None else str(value)
 
 
 def _warmup(args) -> int:

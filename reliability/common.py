@@ -177,9 +177,10 @@ class StreamPublisher:
     published just after the reconnect before those it resends (seen: seqs 407..411 of every stream
     overtaken, then dropped by the daemon as duplicates). ``times[s]``: wall time seq s was due."""
 
-    def __init__(self, port: int, streams: int, rate: float, input_size: int = 3):
+    def __init__(self, port: int, streams: int, rate: float, input_size: int = 3, first: int = 0):
         self.client = Client(port)
         self.streams, self.rate, self.input_size = streams, rate, input_size
+        self.first = first  # devices dev<first> .. dev<first + streams - 1>
         self.times: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
@@ -200,7 +201,7 @@ class StreamPublisher:
             while not self._stop.is_set() and due <= now:  # every sample due by now, in seq order
                 seq = len(self.times)
                 waiting.extend((f"sensors/dev{k}/imu", json.dumps(payload(k, seq, self.input_size)))
-                               for k in range(self.streams))
+                               for k in range(self.first, self.first + self.streams))
                 self.times.append(time.time() - (now - due))
                 due += 1.0 / self.rate
             if waiting:

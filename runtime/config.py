@@ -78,6 +78,14 @@ class BrokerConfig:
     status_topic: str = DEFAULT_STATUS_TOPIC
     startup_error_behavior: str = "retry"
     separate_output_connection: bool = True  # predictions on a connection of their own (runtime/mqtt.py)
+    # Other brokers of the same cluster, tried in turn after host:port when a connection fails or is lost
+    # (a NATS cluster's MQTT listeners: docs/scale-out.md); ((host, port), ...)
+    fallback_servers: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def servers(self) -> tuple[tuple[str, int], ...]:
+        """Every broker address to try, host:port first."""
+        return ((self.host, self.port),) + self.fallback_servers
 
     @property
     def output_client_id(self) -> str:
@@ -169,6 +177,24 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """``[cluster]``: this daemon is one worker of several behind a NATS cluster (runtime/cluster.py,
+    docs/scale-out.md). It serves only the partitions whose lease it holds."""
+
+    nats: tuple[str, ...]  # NATS client URLs of the cluster's nodes (nats://host:4222)
+    partitions: int  # P of the servers' mappings (`edgernn cluster config --partitions P`)
+    own: tuple[int, ...] | None = None  # these partitions only; None: "auto", any free one
+    max_partitions: int | None = None  # with "auto": hold at most this many (None: as many as are free)
+    worker: str = field(default_factory=socket.gethostname)  # shown by `edgernn cluster status`
+    lease_ttl: float = 15.0
+    renew_interval: float = 3.0
+    checkpoint_interval: float = 1.0
+    ack_wait: float = 10.0  # the servers' mqtt ack_wait (`edgernn cluster config --ack-wait`), in seconds
+    replicas: int = 3  # of the lease bucket and the checkpoint store
+    bucket: str = "edgernn"  # names the KV bucket <bucket>_leases and the object store <bucket>_checkpoints
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole file; ``source`` is the path it was read from."""
 
@@ -179,6 +205,7 @@ class Config:
     metrics: MetricsConfig
     log: LogConfig
     source: Path
+    cluster: ClusterConfig | None = None
 
 
 # ---- public API ---------------------------------------------------------------------------------------
@@ -208,9 +235,13 @@ def parse_config(data: dict, source: str = "<config>", base_dir: Path = Path("."
         daemon = _parse_daemon(top.table("daemon", _known(DaemonConfig)))
         metrics = _parse_metrics(top.table("metrics", _known(MetricsConfig)), broker.client_id)
         log = _parse_log(top.table("log", _known(LogConfig)))
+        cluster = _parse_cluster(top, pipelines, state, broker) if "cluster" in data else None
+        if cluster is not None and metrics.listen is not None:
+            raise _Invalid("metrics.listen", "is not served by a [cluster] worker yet (each partition has its own "
+                                             "daemon): `edgernn cluster status` shows each partition")
     except _Invalid as exc:
         raise ConfigError(source, exc.key, exc.problem) from None
-    return Config(broker, pipelines, state, daemon, metrics, log, Path(source))
+    return Config(broker, pipelines, state, daemon, metrics, log, Path(source), cluster)
 
 
 def redacted(config: Config) -> dict:
@@ -241,6 +272,21 @@ def parse_listen_address(listen: str) -> tuple[str, int]:
 
 
 # ---- sections -----------------------------------------------------------------------------------------
+def _parse_servers(t: _Table, name: str) -> tuple[tuple[str, int], ...]:
+    if name not in t.data:
+        return ()
+    servers = []
+    for text in t.strings(name):
+        try:
+            host, port = parse_listen_address(text)
+        except ValueError as error:
+            raise t.invalid(name, str(error)) from None
+        if not port or not text.rpartition(":")[0]:
+            raise t.invalid(name, f'each must be "host:port" with a port from 1 to 65535, got {_quote(text)}')
+        servers.append((host, port))
+    return tuple(servers)
+
+
 def _parse_broker(t: _Table) -> BrokerConfig:
     client_id = t.string("client_id", _default_client_id())
     separate_output = t.boolean("separate_output_connection", True)
@@ -278,6 +324,7 @@ def _parse_broker(t: _Table) -> BrokerConfig:
         status_topic=status_topic,
         startup_error_behavior=t.string("startup_error_behavior", "retry", choices=("error", "retry")),
         separate_output_connection=separate_output,
+        fallback_servers=_parse_servers(t, "fallback_servers"),
     )
 
 
@@ -405,6 +452,74 @@ def _parse_state(top: _Table, given: bool) -> StateConfig:
     )
 
 
+BUCKET_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _parse_cluster(top: _Table, pipelines, state: StateConfig, broker: BrokerConfig) -> ClusterConfig:
+    from .nats_config import MAX_PARTITIONS, pipeline_mappings  # pure text, no NATS client
+
+    t = top.table("cluster", _known(ClusterConfig))
+    partitions = t.integer("partitions", minimum=1, maximum=MAX_PARTITIONS)
+    try:
+        pipeline_mappings(pipelines, partitions)  # every stream key must be a topic level NATS can partition by
+    except ValueError as error:
+        raise _Invalid("pipelines", str(error)) from None
+    if state.durability != "snapshot":
+        raise _Invalid("state.durability", 'must be "snapshot" with [cluster]: a partition\'s states live in '
+                                           "the cluster's checkpoints, and its messages are acked only once one holds them")
+    own = t.data.get("own", "auto")
+    if own == "auto":
+        own = None
+    elif (not isinstance(own, list) or not own
+          or not all(isinstance(p, int) and not isinstance(p, bool) and 0 <= p < partitions for p in own)):
+        raise t.invalid("own", f'must be "auto" or an array of partitions from 0 to {partitions - 1}, got {_describe(own)}')
+    else:
+        own = tuple(sorted(set(own)))
+    max_partitions = t.integer("max_partitions", None, minimum=1)
+    if own is not None and max_partitions is not None:
+        raise t.invalid("max_partitions", 'is for own = "auto" (a worker given its partitions serves all of them)')
+    # A partition's MQTT session outlives its worker, and its unacked messages go to the next one: the session
+    # must persist and speak NATS's MQTT (3.1.1), predictions must go out while the inputs close at a handover.
+    for option, value, needed in (("persistent_session", broker.persistent_session, True),
+                                  ("separate_output_connection", broker.separate_output_connection, True),
+                                  ("protocol", broker.protocol, "3.1.1"),
+                                  ("startup_error_behavior", broker.startup_error_behavior, "retry")):
+        if value != needed:
+            shown = [_quote(v) if isinstance(v, str) else _toml_literal(v) for v in (needed, value)]
+            raise _Invalid(f"broker.{option}", f"must be {shown[0]} with [cluster], got {shown[1]}")
+    lease_ttl = t.number("lease_ttl", 15.0, above=0.0)
+    renew_interval = t.number("renew_interval", 3.0, above=0.0)
+    if renew_interval * 2 >= lease_ttl:
+        raise t.invalid("renew_interval", f"must be less than half of lease_ttl ({lease_ttl:g}), got {renew_interval:g}")
+    ack_wait = t.number("ack_wait", 10.0, above=0.0)
+    if lease_ttl - renew_interval <= ack_wait:
+        # After a kill -9 the successor must connect only once NATS is due to send the dead worker's unacked
+        # messages again: then they come before newer ones.
+        raise t.invalid("lease_ttl", f"must exceed ack_wait + renew_interval ({ack_wait:g} + {renew_interval:g} s), "
+                                     f"got {lease_ttl:g}")
+    checkpoint_interval = t.number("checkpoint_interval", 1.0, above=0.0)
+    if checkpoint_interval * 2 > ack_wait:
+        raise t.invalid("checkpoint_interval", f"must be at most half of ack_wait ({ack_wait:g} s): messages wait for "
+                                               f"a checkpoint before they are acked, got {checkpoint_interval:g}")
+    bucket = t.string("bucket", "edgernn")
+    if not BUCKET_NAME.fullmatch(bucket):
+        raise t.invalid("bucket", f"may hold only letters, digits, '_' and '-', got {_quote(bucket)}")
+    nats = t.strings("nats", allow_single=True)
+    return ClusterConfig(
+        nats=nats,
+        partitions=partitions,
+        own=own,
+        max_partitions=max_partitions,
+        worker=t.string("worker", socket.gethostname()),
+        lease_ttl=lease_ttl,
+        renew_interval=renew_interval,
+        checkpoint_interval=checkpoint_interval,
+        ack_wait=ack_wait,
+        replicas=t.integer("replicas", 3, minimum=1, maximum=5),
+        bucket=bucket,
+    )
+
+
 def _parse_daemon(t: _Table) -> DaemonConfig:
     return DaemonConfig(
         max_batch=t.integer("max_batch", 512, minimum=1),
@@ -527,7 +642,7 @@ def _topic_template(t: _Table, name: str, allowed: tuple[str, ...], default=_REQ
 
 
 # ---- reading values -----------------------------------------------------------------------------------
-_TOP_LEVEL_TABLES = frozenset({"broker", "pipelines", "state", "daemon", "metrics", "log"})
+_TOP_LEVEL_TABLES = frozenset({"broker", "pipelines", "state", "daemon", "metrics", "log", "cluster"})
 
 
 def _known(cls, *extra: str) -> frozenset:

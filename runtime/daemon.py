@@ -46,8 +46,11 @@ tried again at the next interval): under a flood the worker must not stall for t
 
 
 class Daemon:
-    def __init__(self, config):
+    def __init__(self, config, checkpoint=None, notifier: Notifier | None = None):
+        """``checkpoint(pipelines) -> bool``: a cluster partition's (runtime/cluster.py): stores the snapshots
+        just written in the cluster. With it, a message is acked only once a stored checkpoint holds it."""
         self.config = config
+        self._checkpoint = checkpoint
         self.metrics = Metrics([p.name for p in config.pipelines], REJECT_REASONS + (INTERNAL_ERROR,))
         self.pipelines = [Pipeline(p, config.state, self.metrics.pipeline(p.name)) for p in config.pipelines]
         self._drop_log = RateLimitedLog(log, config.log.bad_input_interval)
@@ -59,8 +62,11 @@ class Daemon:
                              on_publish_failed=self.metrics.publish_failures.inc)
         self.scheduler = Scheduler(self.pipelines, self.link, self.inbox, self.metrics, config.daemon.max_batch,
                                    RateLimitedLog(log, config.log.bad_input_interval))
-        self.notifier = Notifier()
+        self.scheduler.withhold_acks = checkpoint is not None
+        self.notifier = notifier or Notifier()
         self.stopping = threading.Event()
+        self._aborted = False
+        self.inputs_closed_at: float | None = None  # wall time `hand_over` closed the inputs' connection
         self._reload = threading.Event()
         self._worker = None
         self.metrics_address = None
@@ -98,7 +104,7 @@ class Daemon:
         signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
         self.start()
         while not self.stopping.wait(0.5):
-            if not self._worker.is_alive():
+            if not self.worker_alive():
                 log.error("the worker thread died; stopping", extra={"event": "worker_died"})
                 self.stop()
                 return 1
@@ -134,6 +140,43 @@ class Daemon:
         log.info("stopped", extra={"event": "stopped", "clean": clean})
         self.notifier.close()
         return clean
+
+    @property
+    def final_snapshot(self) -> bool:
+        """Whether the stop's final snapshot (and, for a cluster partition, its checkpoint) was written."""
+        return self._final_snapshot
+
+    def worker_alive(self) -> bool:
+        """Whether the worker thread runs (True before `start`)."""
+        return self._worker is None or self._worker.is_alive()
+
+    def hand_over(self) -> bool:
+        """A cluster partition's clean stop (runtime/cluster.py): stop receiving first, then process what was
+        received, then `stop`. The final checkpoint then holds every message this session was sent: NATS
+        sends what this session could not ack to the successor again only ``ack_wait`` later, after newer
+        messages, and by then its seq says the checkpoint holds it (dropped as a duplicate, not stepped out
+        of order)."""
+        self.link.stop_inputs()
+        self.inputs_closed_at = time.time()
+        deadline = time.monotonic() + self.config.daemon.shutdown_timeout
+        while len(self.inbox) and time.monotonic() < deadline and self._worker.is_alive():
+            time.sleep(0.01)
+        return self.stop()
+
+    def abort(self) -> None:
+        """Stop at once: no final snapshot, no checkpoint, no ack, no ``offline`` (a cluster partition whose
+        lease is lost: its successor may be serving it already, from the last checkpoint)."""
+        self._aborted = True
+        self.scheduler.acking = False
+        self.stopping.set()
+        self.inbox.close()
+        self.link.stop(publish_offline=False)  # first: the successor's session must not meet this one
+        if self._worker is not None:
+            self._worker.join(PERIODIC_SNAPSHOT_WAIT + 5)
+        self.metrics.stop()
+        for pipeline in self.pipelines:
+            pipeline.store.close(clean=False)
+        log.warning("stopped without a final snapshot (aborted)", extra={"event": "aborted"})
 
     def reload(self) -> None:
         """Ask the worker to reload the models between two micro-batches (what SIGHUP does)."""
@@ -175,6 +218,8 @@ class Daemon:
             if stats_every and now >= next_stats:
                 self._publish_stats()
                 next_stats = now + stats_every
+        if self._aborted:
+            return
         # Held samples are stepped (and their messages acked) before the final snapshot: left unacked, they
         # would hold back the acks of every message received after them, whose effects the snapshot holds.
         scheduler.release_all()
@@ -197,6 +242,7 @@ class Daemon:
             return False
         self._write_done_records()
         written = True
+        covered = self.scheduler.withheld()  # the acks this snapshot's checkpoint may release
         for pipeline in self.pipelines:
             try:
                 pipeline.store.snapshot(pipeline.table)
@@ -206,6 +252,10 @@ class Daemon:
                 written = False
                 log.error("pipeline %s: snapshot failed: %s", pipeline.name, error,
                           extra={"event": "snapshot_failed", "pipeline": pipeline.name})
+        if written and self._checkpoint is not None and not self._aborted:
+            written = self._checkpoint(self.pipelines)
+            if written:
+                self.scheduler.release_withheld(covered)
         return written
 
     def _reload_models(self) -> bool:

@@ -31,6 +31,7 @@ be acked again in the order received.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import ssl
 import threading
@@ -187,6 +188,7 @@ class _Connection:
         self.role = role  # "inputs", "outputs" or "inputs and outputs", for the logs
         self.subscriptions = list(subscriptions)
         self.receive_maximum = receive_maximum
+        self._server = 0  # index into broker.servers of the broker this connection tries or uses
         self._on_change = on_change
         self._on_connected = on_connected or (lambda: None)
         self._failure_log = failure_log
@@ -233,6 +235,20 @@ class _Connection:
             client.on_message = on_message
         return client
 
+    @property
+    def server(self):
+        """The broker config with host and port of the broker in use (one of ``broker.servers``)."""
+        host, port = self.broker.servers[self._server]
+        return self.broker if self._server == 0 else dataclasses.replace(self.broker, host=host, port=port)
+
+    def _next_server(self, client) -> None:
+        """After a failure or a lost connection, the next attempt goes to the next of ``broker.servers``
+        (paho knows one address only): a node of a cluster that died is left for one that lives."""
+        if len(self.broker.servers) < 2 or self.stopping:
+            return
+        self._server = (self._server + 1) % len(self.broker.servers)
+        client._host, client._port = self.broker.servers[self._server]  # paho reads them at each reconnect
+
     def start(self) -> None:
         broker = self.broker
         properties = None
@@ -269,16 +285,18 @@ class _Connection:
 
     def _handle_connect_fail(self, client, userdata):
         """The TCP connection or the TLS handshake failed (paho retries after the reconnect delay)."""
-        self._failed(describe_failure(self.broker, client.failure, client.stage))
+        self._failed(describe_failure(self.server, client.failure, client.stage))
+        self._next_server(client)
 
     def _handle_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
-            self._failed(describe_failure(self.broker, reason=reason_code))
+            self._failed(describe_failure(self.server, reason=reason_code))
+            self._next_server(client)
             return
         client.reported = True
         self.first_outcome.set()
         self.session_present = bool(flags.session_present)
-        log.info("connected to %s:%d as %r for %s (session %s)", self.broker.host, self.broker.port,
+        log.info("connected to %s:%d as %r for %s (session %s)", self.server.host, self.server.port,
                  self.client_id, self.role, "resumed" if flags.session_present else "new",
                  extra={"event": "connected", "session_present": bool(flags.session_present),
                         "failed_attempts": self.failed_attempts, "client_id": self.client_id})
@@ -293,14 +311,17 @@ class _Connection:
         was_connected = self.connected.is_set()
         self.connected.clear()
         self._forget_qos0()
-        if not was_connected and not client.reported and not self.stopping:
+        failed_here = not was_connected and not client.reported  # else on_connect(_fail) moved on already
+        if failed_here and not self.stopping:
             # Closed before any CONNACK: after a TLS alert (our client certificate rejected), or by a broker
             # that does not speak MQTT on that port.
-            self._failed(describe_failure(self.broker, client.failure, client.stage))
+            self._failed(describe_failure(self.server, client.failure, client.stage))
         if was_connected:
-            log.warning("disconnected from %s:%d (%s) as %r; reconnecting", self.broker.host, self.broker.port,
+            log.warning("disconnected from %s:%d (%s) as %r; reconnecting", self.server.host, self.server.port,
                         reason_code, self.client_id, extra={"event": "disconnected", "client_id": self.client_id})
             self._on_change()
+        if was_connected or failed_here:
+            self._next_server(client)
 
     def _handle_subscribe(self, client, userdata, mid, reason_codes, properties):
         for (topic, _), code in zip(self.subscriptions, reason_codes):
@@ -463,13 +484,24 @@ class MqttLink:
         """Say ``offline`` (retained), disconnect cleanly and stop the network threads."""
         for connection in self.connections:
             connection.stopping = True
-        if publish_offline and self.inputs.connected.is_set():
-            sent = threading.Event()
-            self.inputs.publish(self.broker.status_topic, b"offline", qos=1, retain=True, on_done=sent.set)
-            sent.wait(timeout)
+        if publish_offline:
+            self._say_offline(timeout)
         for connection in self.connections:
             connection.stop()
         self.connected.clear()
+
+    def stop_inputs(self, timeout: float = 5.0) -> None:
+        """Say ``offline`` and close the inputs' connection: nothing more arrives; predictions still go out on
+        the outputs' connection (`Daemon.hand_over`)."""
+        self.inputs.stopping = True
+        self._say_offline(timeout)
+        self.inputs.stop()
+
+    def _say_offline(self, timeout: float) -> None:
+        if self.inputs.connected.is_set():
+            sent = threading.Event()
+            self.inputs.publish(self.broker.status_topic, b"offline", qos=1, retain=True, on_done=sent.set)
+            sent.wait(timeout)
 
     # ---- paho callbacks (network threads) --------------------------------------------------------
     def _inputs_connected(self) -> None:

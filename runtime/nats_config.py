@@ -105,7 +105,8 @@ class Node:
 
 
 def server_config(node: Node, nodes: list[Node], mappings: list[tuple[str, str]], store_dir: str,
-                  cluster_name: str = "edgernn", replicas: int | None = None, ack_wait: str = "10s") -> str:
+                  cluster_name: str = "edgernn", replicas: int | None = None, ack_wait: str = "10s",
+                  max_ack_pending: int = 8192) -> str:
     """nats-server's config file for ``node`` of ``nodes``: JetStream in ``store_dir``, routes to the other
     nodes, an MQTT listener whose sessions and messages are replicated ``replicas`` times (default: every
     node, at most 3), and the partition ``mappings``."""
@@ -117,6 +118,8 @@ def server_config(node: Node, nodes: list[Node], mappings: list[tuple[str, str]]
     replicas = min(len(nodes), 3) if replicas is None else replicas
     if not 1 <= replicas <= len(nodes):
         raise ValueError(f"replicas: must be from 1 to the number of nodes ({len(nodes)}), got {replicas}")
+    if not 1 <= max_ack_pending <= 65535:
+        raise ValueError(f"max_ack_pending: must be from 1 to 65535 (MQTT packet ids), got {max_ack_pending}")
     if not _DURATION.fullmatch(ack_wait):
         raise ValueError(f"ack_wait: must be a duration like 10s, 500ms or 2m, got {ack_wait!r}")
     routes = "\n".join(f"    nats-route://{other.host}:{other.cluster_port}" for other in nodes if other != node)
@@ -148,6 +151,9 @@ mqtt {{
   # how long an unacked QoS 1 message waits before it is sent again: after a worker dies, its
   # successor gets what it had not acked this long after the death
   ack_wait: "{ack_wait}"
+  # unacked QoS 1 messages a session may have (NATS's default is 1024): a worker acks only after each
+  # checkpoint, so a partition's rate x checkpoint_interval must stay below it
+  max_ack_pending: {max_ack_pending}
 }}
 
 # each device topic goes to exactly one partition (the global account: MQTT clients without auth land there)

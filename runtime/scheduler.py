@@ -160,6 +160,10 @@ class Scheduler:
         self._ack_lock = threading.Lock()  # held while acking: acks leave in that order, from any thread
         self._routes: dict[str, list] = {}  # topic -> [(pipeline, topic key)], a cache of routing
         self.acking = True  # cleared when a final snapshot failed: what it lacks must come back from the broker
+        # A cluster partition (runtime/cluster.py) acks a message only once a checkpoint stored in the cluster
+        # holds its effects: until then its ack waits here, in order (`release_withheld`).
+        self.withhold_acks = False
+        self._withheld: list = []
 
     # ---- completion bookkeeping (any thread) -----------------------------------------------------
     def _complete(self, *completions: _Completion) -> None:
@@ -181,9 +185,23 @@ class Scheduler:
             unacked = self._unacked
             while unacked and unacked[0][1]:
                 inbound = unacked.popleft()[0]
-                if self.acking:
+                if self.withhold_acks:
+                    self._withheld.append(inbound)
+                elif self.acking:
                     self.link.ack(inbound)
         self._settled()
+
+    def withheld(self) -> int:
+        """How many acks wait for a checkpoint (`withhold_acks`)."""
+        return len(self._withheld)
+
+    def release_withheld(self, count: int) -> None:
+        """Send the first ``count`` withheld acks, in order: a checkpoint now holds their messages' effects."""
+        with self._ack_lock:
+            released, self._withheld = self._withheld[:count], self._withheld[count:]
+            if self.acking:
+                for inbound in released:
+                    self.link.ack(inbound)
 
     def _settled(self) -> None:
         with self._lock:

@@ -9,8 +9,11 @@ replicated MQTT streams exist).
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -19,6 +22,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgernn.local_broker import die_with_parent, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
 from edgernn.runtime.nats_config import Node, server_config
 
 
@@ -114,3 +119,100 @@ class NatsCluster:
     def log_tail(self) -> str:
         return "\n".join(f"{path.name}: {path.read_text(errors='replace')[-800:]}"
                          for path in sorted(self.directory.glob("*.log")))
+
+
+class Worker:
+    """``edgernn serve`` with ``[cluster]`` as a process; its JSON log is read back for the checks."""
+
+    def __init__(self, name: str, config_path: Path, log_path: Path):
+        self.name, self.config_path, self.log_path = name, config_path, log_path
+        self.process = None
+        self.killed_at = None  # wall time of a SIGKILL
+
+    def start(self) -> "Worker":
+        log = open(self.log_path, "ab")
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
+        self.process = subprocess.Popen([sys.executable, "-m", "edgernn", "serve", "--config", str(self.config_path)],
+                                        stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
+        log.close()
+        deadline = time.monotonic() + 60
+        while b'"cluster_started"' not in self.log_path.read_bytes() and self.process.poll() is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"worker {self.name} did not start: {self.log_path.read_text()[-2000:]}")
+            time.sleep(0.1)
+        if self.process.poll() is not None:
+            raise RuntimeError(f"worker {self.name} exited: {self.log_path.read_text()[-2000:]}")
+        return self
+
+    def kill(self) -> None:
+        self.killed_at = time.time()
+        self.process.kill()
+        self.process.wait(10)
+
+    def terminate(self, timeout: float = 60) -> int:
+        self.process.terminate()
+        return self.process.wait(timeout)
+
+    def events(self) -> list[dict]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+        return out
+
+    def serving(self, partition: int) -> list[int] | bool:
+        """Whether its log says it serves ``partition`` now (started, not stopped or aborted since)."""
+        state = False
+        for event in self.events():
+            if event.get("partition") == partition:
+                state = event.get("event") == "partition_started" or (state and event.get("event") not in
+                                                                        ("partition_stopped", "partition_aborted"))
+        return state
+
+
+def worker_config(folder: Path, name: str, cluster: NatsCluster, first_node: int, partitions: int,
+                  max_partitions: int | None, lease_ttl: float = 15.0, checkpoint_interval: float = 1.0,
+                  ack_wait: float = 10.0) -> Path:
+    """A worker's config: the cluster's nodes from ``first_node`` on (MQTT and NATS), the tests' model."""
+    nodes = cluster.nodes
+    order = [nodes[(first_node + i) % len(nodes)] for i in range(len(nodes))]
+    fallback = ", ".join(f'"127.0.0.1:{node.mqtt_port}"' for node in order[1:])
+    nats = ", ".join(f'"nats://127.0.0.1:{node.client_port}"' for node in order)
+    limit = "" if max_partitions is None else f"max_partitions = {max_partitions}"
+    path = folder / f"{name}.toml"
+    path.write_text(f"""
+[broker]
+host = "127.0.0.1"
+port = {order[0].mqtt_port}
+fallback_servers = [{fallback}]
+client_id = "edgernn"
+min_reconnect_interval = 1.0
+max_reconnect_interval = 2.0
+
+[[pipelines]]
+name = "imu"
+model = "model.ern"
+subscribe = "sensors/+/imu"
+publish = "predictions/{{key}}/imu"
+qos = 1
+
+[state]
+dir = "{folder / ('state-' + name)}"
+
+[cluster]
+nats = [{nats}]
+partitions = {partitions}
+worker = "{name}"
+{limit}
+lease_ttl = {lease_ttl}
+renew_interval = {lease_ttl / 5}
+checkpoint_interval = {checkpoint_interval}
+ack_wait = {ack_wait}
+
+[log]
+level = "info"
+""")
+    return path

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from edgernn.errors import EdgeRNNError
-from edgernn.runtime.config import (BrokerConfig, ConfigError, DaemonConfig, LogConfig, MetricsConfig,
+from edgernn.runtime.config import (BrokerConfig, ClusterConfig, ConfigError, DaemonConfig, LogConfig, MetricsConfig,
                                     PipelineConfig, StateConfig, load_config, parse_config,
                                     parse_listen_address, redacted)
 
@@ -89,7 +89,7 @@ EXPECTED_DEFAULTS = {
                        connection_timeout=30.0, persistent_session=True, min_reconnect_interval=1.0,
                        max_reconnect_interval=30.0, protocol="3.1.1", tls_ca=None, tls_cert=None, tls_key=None,
                        insecure_skip_verify=False, startup_error_behavior="retry",
-                       separate_output_connection=True),
+                       separate_output_connection=True, fallback_servers=()),
     PipelineConfig: dict(qos=1, publish_qos=None, retain=False, data_format="json", output_format="json",
                          x_field="x", seq_field="seq", ts_field="ts", y_field="y", fields=None, csv_columns=None,
                          key_field=None, key_level=None, seq_gap="ignore", idle_reset=0.0, warmup_steps=0,
@@ -133,7 +133,7 @@ def test_full_example_states_every_default():
 def test_full_example_shows_every_option():
     text = (EXAMPLES / "full.toml").read_text()
     shown = set(re.findall(r"^#? ?(\w+) = ", text, flags=re.MULTILINE))
-    options = {f.name for cls in EXPECTED_DEFAULTS for f in dataclasses.fields(cls)}
+    options = {f.name for cls in (*EXPECTED_DEFAULTS, ClusterConfig) for f in dataclasses.fields(cls)}
     assert options | {"username_file", "password_file"} <= shown
 
 

@@ -89,11 +89,14 @@ def test_server_config_routes_to_the_other_nodes_and_replicates_mqtt():
     assert "server_name: n2" in text and 'store_dir: "/data/n2"' in text
     assert "nats-route://127.0.0.1:6221" in text and "nats-route://127.0.0.1:6223" in text
     assert "nats-route://127.0.0.1:6222" not in text and "stream_replicas: 3" in text
+    assert "max_ack_pending: 8192" in text  # workers ack once per checkpoint: NATS's 1024 would throttle them
     assert '"a.*": "part.{{partition(2,1)}}.a.{{wildcard(1)}}"' in text
     with pytest.raises(ValueError, match="names must be distinct"):
         server_config(nodes[0], [nodes[0], nodes[0]], [], "/data")
     with pytest.raises(ValueError, match="ack_wait: must be a duration"):
         server_config(nodes[0], nodes, [], "/data", ack_wait="10 s")
+    with pytest.raises(ValueError, match="max_ack_pending"):
+        server_config(nodes[0], nodes, [], "/data", max_ack_pending=70000)
 
 
 @needs_nats
