@@ -464,6 +464,11 @@ def _parse_cluster(top: _Table, pipelines, state: StateConfig, broker: BrokerCon
         pipeline_mappings(pipelines, partitions)  # every stream key must be a topic level NATS can partition by
     except ValueError as error:
         raise _Invalid("pipelines", str(error)) from None
+    longest = len(broker.client_id) + len(f"-part-{partitions - 1}") + len(OUTPUT_CLIENT_ID_SUFFIX)
+    if longest > MAX_CLIENT_ID_LENGTH:
+        raise _Invalid("broker.client_id", f"is too long for [cluster]: a partition's outputs connect as "
+                                           f"'<client_id>-part-<p>{OUTPUT_CLIENT_ID_SUFFIX}', at most "
+                                           f"{MAX_CLIENT_ID_LENGTH} characters, here {longest}")
     if state.durability != "snapshot":
         raise _Invalid("state.durability", 'must be "snapshot" with [cluster]: a partition\'s states live in '
                                            "the cluster's checkpoints, and its messages are acked only once one holds them")

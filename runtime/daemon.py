@@ -152,10 +152,9 @@ class Daemon:
 
     def hand_over(self) -> bool:
         """A cluster partition's clean stop (runtime/cluster.py): stop receiving first, then process what was
-        received, then `stop`. The final checkpoint then holds every message this session was sent: NATS
-        sends what this session could not ack to the successor again only ``ack_wait`` later, after newer
-        messages, and by then its seq says the checkpoint holds it (dropped as a duplicate, not stepped out
-        of order)."""
+        received, then `stop`: the final checkpoint holds every message this session read. What NATS had
+        sent it but it never read comes back only ``ack_wait`` later, so the successor waits that long after
+        ``inputs_closed_at`` before it connects (`Partition._wait_for_handover`)."""
         self.link.stop_inputs()
         self.inputs_closed_at = time.time()
         deadline = time.monotonic() + self.config.daemon.shutdown_timeout

@@ -71,6 +71,8 @@ def test_cluster_needs_a_topic_key_and_snapshot_durability(tmp_path):
         load_config(_write(tmp_path, CLUSTER, state='durability = "journal"'))
     with pytest.raises(ConfigError, match="cluster status"):
         load_config(_write(tmp_path, CLUSTER, metrics='listen = "127.0.0.1:0"'))
+    with pytest.raises(ConfigError, match="too long for \\[cluster\\]"):
+        load_config(_write(tmp_path, CLUSTER, client_id="c" * 118))
     for line, key in (("persistent_session = false", "broker.persistent_session"),
                       ("separate_output_connection = false", "broker.separate_output_connection"),
                       ('protocol = "5"', "broker.protocol"), ('startup_error_behavior = "error"',

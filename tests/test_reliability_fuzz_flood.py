@@ -53,7 +53,7 @@ def test_flood_quick(tmp_path):
     assert counts["messages_out_total"] == keys["keys"] == 20_000
     assert counts["streams_live"] == keys["max_streams"] == 1_000
     assert counts["evictions_total"] == 19_000
-    assert keys["rss_growth"]["growth_fraction"] < 0.10
+    assert keys["rss_growth"]["growth_fraction"] < 0.25  # the quick runs' smoke bound (flood.py QUICK_GROWTH_BOUND)
     sizes = results["sizes"]["counts"]
     assert sizes == {"messages_in": 5, "oversize": 3, "rejected_total": 3, "predictions": 2, "dead_letters": 3}
     qos1, qos0 = results["speed"]["qos1"], results["speed"]["qos0"]
