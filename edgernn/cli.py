@@ -214,6 +214,20 @@ def _parser() -> argparse.ArgumentParser:
     warmup.add_argument("--json", metavar="FILE", help="also write the times and compile counts to FILE as JSON")
     warmup.set_defaults(run=_warmup)
 
+    doctor = commands.add_parser(
+        "doctor", parents=[common], help="check this device's set-up and say what to fix",
+        description="Checks, for the daemon's config: the config and its models, numba (or the NumPy fallback), "
+                    "the compile cache (writable, warm), the state directory (writable, filesystem, free space), "
+                    "the broker (reachable with the configured TLS and credentials, as a client of its own), the "
+                    "devices' clocks against this one (the ts of samples seen on the pipelines' topics) and this "
+                    "machine's NTP synchronisation. Exit 1 if anything fails.")
+    doctor.add_argument("--config", required=True, metavar="FILE", help="the daemon's TOML config")
+    doctor.add_argument("--listen", type=float, default=3.0, metavar="SECONDS",
+                        help="how long to watch the pipelines' topics for device timestamps; 0 skips it "
+                             "(default %(default)s)")
+    doctor.add_argument("--json", action="store_true", help="the findings as JSON lines")
+    doctor.set_defaults(run=_doctor)
+
     cluster = commands.add_parser("cluster", help="scale-out over a NATS cluster (docs/scale-out.md)")
     cluster_commands = cluster.add_subparsers(dest="cluster_command", metavar="COMMAND", required=True)
     nats_config = cluster_commands.add_parser(
@@ -705,6 +719,24 @@ def _cluster_config(args) -> int:
         else:
             print(text)
     return 0
+
+
+def _doctor(args) -> int:
+    from edgernn.runtime.config import ConfigError, load_config
+
+    try:
+        origin = _use_compile_cache(load_config(args.config))  # the daemon's cache, before numba loads
+    except ConfigError:
+        origin = None  # run_checks reports it
+    from edgernn.runtime.doctor import FAIL, report, run_checks
+
+    findings = run_checks(args.config, listen=args.listen, cache_origin=origin)
+    if args.json:
+        for finding in findings:
+            print(json.dumps(finding.as_dict()))
+    else:
+        print(report(findings))
+    return 1 if any(f.status == FAIL for f in findings) else 0
 
 
 def _cluster_status(args) -> int:

@@ -560,3 +560,30 @@ class MqttLink:
             # error to the broker). The broker delivers the message again; its copy is acked then.
             self.inputs.client.ack(message.mid, message.qos)
 
+
+def probe(broker, subscriptions=(), listen: float = 0.0, on_message=None) -> str | None:
+    """Connect once as a throwaway client (``broker.client_id`` must be the prober's own, never the daemon's:
+    it would take the daemon's session), clean session, no Last Will, nothing published. With
+    ``subscriptions``, listen ``listen`` seconds at QoS 0 and hand each message to ``on_message(topic,
+    payload)``. Returns None when it connected, else why not (`describe_failure`'s sentence)."""
+    broker = dataclasses.replace(broker, persistent_session=False, startup_error_behavior="error")
+
+    def handle(client, userdata, message):
+        if on_message is not None:
+            on_message(message.topic, message.payload)
+
+    connection = _Connection(broker, broker.client_id, "a check", lambda: None,
+                             RateLimitedLog(log, CONNECT_FAILED_LOG_INTERVAL), lambda *_: None,
+                             [(topic, 0) for topic in subscriptions], on_message=handle)
+    connection.start()
+    try:
+        if not connection.first_outcome.wait(broker.connection_timeout + 1):
+            return (f"cannot connect to the MQTT broker at {broker.host}:{broker.port}: no answer within "
+                    f"connection_timeout = {broker.connection_timeout:g} s")
+        if connection.first_failure:
+            return connection.first_failure[0]
+        time.sleep(listen)
+        return None
+    finally:
+        connection.stop()
+
