@@ -214,6 +214,25 @@ def _parser() -> argparse.ArgumentParser:
     warmup.add_argument("--json", metavar="FILE", help="also write the times and compile counts to FILE as JSON")
     warmup.set_defaults(run=_warmup)
 
+    keygen = commands.add_parser(
+        "keygen", parents=[common], help="make an Ed25519 key pair for signing model files",
+        description="Writes NAME.key (the private key, PEM PKCS#8, readable by its owner only; never over an "
+                    "existing file) and NAME.pub (the public key, PEM) into DIR; prints the key id. The daemon "
+                    "trusts the .pub files listed in [signing] trusted_keys.")
+    keygen.add_argument("--out", default=".", metavar="DIR", help="where to write them (default %(default)s)")
+    keygen.add_argument("--name", default="edgernn", help="the files' name (default %(default)s)")
+    keygen.set_defaults(run=_keygen)
+
+    sign = commands.add_parser(
+        "sign", parents=[common], help="sign a model file, or check a signature (--check)",
+        description="Writes FILE.sig, an Ed25519 signature of FILE's content by the private key KEY. With "
+                    "--check, verifies FILE against FILE.sig and the public key(s) given instead (exit 1 if not).")
+    sign.add_argument("file", metavar="FILE", help="the model file (.ern, or an ONNX step model)")
+    sign.add_argument("--key", required=True, action="append", metavar="KEY",
+                      help="the private key (signing), or a trusted public key (--check; repeatable)")
+    sign.add_argument("--check", action="store_true", help="verify instead of sign")
+    sign.set_defaults(run=_sign)
+
     doctor = commands.add_parser(
         "doctor", parents=[common], help="check this device's set-up and say what to fix",
         description="Checks, for the daemon's config: the config and its models, numba (or the NumPy fallback), "
@@ -718,6 +737,35 @@ def _cluster_config(args) -> int:
             print(f"wrote {path}")
         else:
             print(text)
+    return 0
+
+
+def _keygen(args) -> int:
+    from pathlib import Path
+
+    from .signing import generate_keys
+
+    directory = Path(args.out)
+    directory.mkdir(parents=True, exist_ok=True)
+    private, public = directory / f"{args.name}.key", directory / f"{args.name}.pub"
+    if private.exists():
+        print(f"edgernn keygen: {private} exists: not overwritten", file=sys.stderr)
+        return 1
+    key_id = generate_keys(private, public)
+    print(f"wrote {private} (private: keep it off the devices) and {public}; key id {key_id}")
+    return 0
+
+
+def _sign(args) -> int:
+    from .signing import load_public_key, sign_file, verify_file
+
+    if args.check:
+        key_id = verify_file(args.file, [load_public_key(path) for path in args.key])
+        print(f"{args.file}: signature valid, by key {key_id}")
+        return 0
+    if len(args.key) != 1:
+        args.parser.error("signing takes one --key (the private key)")
+    print(f"wrote {sign_file(args.file, args.key[0])}")
     return 0
 
 

@@ -35,3 +35,8 @@ class ConversionError(EdgeRNNError, ValueError):
 
 class StreamingError(EdgeRNNError, ValueError):
     """The model cannot advance one sample at a time (e.g. a bidirectional layer)."""
+
+
+class SignatureError(EdgeRNNError, ValueError):
+    """A model file's signature is missing, does not match the file, or is by no trusted key; or a key file is
+    not an Ed25519 key (`edgernn.signing`). The message names the file."""

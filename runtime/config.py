@@ -177,6 +177,14 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SigningConfig:
+    """``[signing]``: with trusted keys, every model file the daemon loads (at start, at a reload) must carry a
+    valid Ed25519 signature by one of them (`edgernn.signing`)."""
+
+    trusted_keys: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterConfig:
     """``[cluster]``: this daemon is one worker of several behind a NATS cluster (runtime/cluster.py,
     docs/scale-out.md). It serves only the partitions whose lease it holds."""
@@ -206,6 +214,7 @@ class Config:
     log: LogConfig
     source: Path
     cluster: ClusterConfig | None = None
+    signing: SigningConfig = SigningConfig()
 
 
 # ---- public API ---------------------------------------------------------------------------------------
@@ -236,12 +245,13 @@ def parse_config(data: dict, source: str = "<config>", base_dir: Path = Path("."
         metrics = _parse_metrics(top.table("metrics", _known(MetricsConfig)), broker.client_id)
         log = _parse_log(top.table("log", _known(LogConfig)))
         cluster = _parse_cluster(top, pipelines, state, broker) if "cluster" in data else None
+        signing = _parse_signing(top.table("signing", _known(SigningConfig)))
         if cluster is not None and metrics.listen is not None:
             raise _Invalid("metrics.listen", "is not served by a [cluster] worker yet (each partition has its own "
                                              "daemon): `edgernn cluster status` shows each partition")
     except _Invalid as exc:
         raise ConfigError(source, exc.key, exc.problem) from None
-    return Config(broker, pipelines, state, daemon, metrics, log, Path(source), cluster)
+    return Config(broker, pipelines, state, daemon, metrics, log, Path(source), cluster, signing)
 
 
 def redacted(config: Config) -> dict:
@@ -452,6 +462,18 @@ def _parse_state(top: _Table, given: bool) -> StateConfig:
     )
 
 
+def _parse_signing(t: _Table) -> SigningConfig:
+    if "trusted_keys" not in t.data:
+        return SigningConfig()
+    keys = []
+    for text in t.strings("trusted_keys", allow_single=True):
+        path = t.base_dir / Path(text)
+        if not path.is_file():
+            raise t.invalid("trusted_keys", f"key file not found: {path}")
+        keys.append(path)
+    return SigningConfig(tuple(keys))
+
+
 BUCKET_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -647,7 +669,7 @@ def _topic_template(t: _Table, name: str, allowed: tuple[str, ...], default=_REQ
 
 
 # ---- reading values -----------------------------------------------------------------------------------
-_TOP_LEVEL_TABLES = frozenset({"broker", "pipelines", "state", "daemon", "metrics", "log", "cluster"})
+_TOP_LEVEL_TABLES = frozenset({"broker", "pipelines", "state", "daemon", "metrics", "log", "cluster", "signing"})
 
 
 def _known(cls, *extra: str) -> frozenset:

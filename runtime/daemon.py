@@ -51,6 +51,8 @@ class Daemon:
         just written in the cluster. With it, a message is acked only once a stored checkpoint holds it."""
         self.config = config
         self._checkpoint = checkpoint
+        for pipeline_config in config.pipelines:
+            check_signatures(config, pipeline_config)  # before any model file is loaded
         self.metrics = Metrics([p.name for p in config.pipelines], REJECT_REASONS + (INTERNAL_ERROR,))
         self.pipelines = [Pipeline(p, config.state, self.metrics.pipeline(p.name)) for p in config.pipelines]
         self._drop_log = RateLimitedLog(log, config.log.bad_input_interval)
@@ -267,6 +269,7 @@ class Daemon:
         self.notifier.reloading()
         for pipeline in self.pipelines:
             try:
+                check_signatures(self.config, pipeline.config)
                 kept = pipeline.reload()
             except Exception as error:  # noqa: BLE001 -- a bad new file keeps the old model serving
                 log.error("pipeline %s: reload failed, keeping the current model: %s", pipeline.name, error,
@@ -330,8 +333,22 @@ def check(config) -> list[str]:
     lock): every model file loads with its backend, and every pipeline's codecs fit its model."""
     lines = []
     for pipeline in config.pipelines:
+        check_signatures(config, pipeline)
         model, backend = load_backend(pipeline)
         make_codecs(pipeline, model)
         make_timing(pipeline, model)  # gap_policy and input_rate need the model's sample rate
         lines.append(f"pipeline {pipeline.name}: {pipeline.model} {model!r} on {backend.name} ({backend.device})")
     return lines
+
+
+def check_signatures(config, pipeline) -> None:
+    """With ``[signing] trusted_keys``: every file ``pipeline`` loads as a model carries a valid signature by
+    one of them (`edgernn.signing`); raises `SignatureError` naming the file otherwise."""
+    if not config.signing.trusted_keys:
+        return
+    from edgernn.signing import load_public_key, verify_file
+
+    keys = [load_public_key(path) for path in config.signing.trusted_keys]
+    for path in (pipeline.model, pipeline.onnx_model):
+        if path is not None:
+            verify_file(path, keys)

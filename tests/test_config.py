@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from edgernn.errors import EdgeRNNError
-from edgernn.runtime.config import (BrokerConfig, ClusterConfig, ConfigError, DaemonConfig, LogConfig, MetricsConfig,
+from edgernn.runtime.config import (BrokerConfig, ClusterConfig, ConfigError, SigningConfig, DaemonConfig, LogConfig, MetricsConfig,
                                     PipelineConfig, StateConfig, load_config, parse_config,
                                     parse_listen_address, redacted)
 
@@ -133,7 +133,7 @@ def test_full_example_states_every_default():
 def test_full_example_shows_every_option():
     text = (EXAMPLES / "full.toml").read_text()
     shown = set(re.findall(r"^#? ?(\w+) = ", text, flags=re.MULTILINE))
-    options = {f.name for cls in (*EXPECTED_DEFAULTS, ClusterConfig) for f in dataclasses.fields(cls)}
+    options = {f.name for cls in (*EXPECTED_DEFAULTS, ClusterConfig, SigningConfig) for f in dataclasses.fields(cls)}
     assert options | {"username_file", "password_file"} <= shown
 
 
