@@ -8,6 +8,10 @@ A signature is a small JSON file beside the model, ``model.ern.sig``::
 
 What is signed is ``b"edgernn-model-v1\\0"`` followed by the file's SHA-256 digest: the content, not the
 name (a file may be renamed or delivered another way), and never mistaken for another use of the key.
+What it does not say: which file name or version it was made for. Any file signed by a trusted key passes
+under any name, so an older signed model copied back in place passes too (model updates will add a version
+check). The check reads the file, and the loader reads it again: whoever can write the model's directory
+between the two could swap it (verifying and loading the same bytes is for the update path to do).
 ``key_id`` is the first 16 hex digits of the SHA-256 of the raw 32-byte public key: it names the key in
 errors. Keys are PEM files: the private key PKCS#8 (written with mode 0600), the public key
 SubjectPublicKeyInfo. The ``cryptography`` package is imported only here, and only when used
@@ -65,9 +69,11 @@ def generate_keys(private_path, public_path) -> str:
 
 def load_private_key(path):
     serialization, ed25519 = _crypto()
+    from cryptography.exceptions import UnsupportedAlgorithm
+
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as error:
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as error:
         raise SignatureError(f"{path}: not a readable private key ({error})") from None
     if not isinstance(key, ed25519.Ed25519PrivateKey):
         raise SignatureError(f"{path}: not an Ed25519 private key")
@@ -76,9 +82,11 @@ def load_private_key(path):
 
 def load_public_key(path):
     serialization, ed25519 = _crypto()
+    from cryptography.exceptions import UnsupportedAlgorithm
+
     try:
         key = serialization.load_pem_public_key(Path(path).read_bytes())
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, UnsupportedAlgorithm) as error:
         raise SignatureError(f"{path}: not a readable public key ({error})") from None
     if not isinstance(key, ed25519.Ed25519PublicKey):
         raise SignatureError(f"{path}: not an Ed25519 public key")

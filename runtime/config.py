@@ -465,6 +465,8 @@ def _parse_state(top: _Table, given: bool) -> StateConfig:
 def _parse_signing(t: _Table) -> SigningConfig:
     if "trusted_keys" not in t.data:
         return SigningConfig()
+    if t.data["trusted_keys"] == []:
+        raise t.invalid("trusted_keys", "is empty: list the public keys to trust, or leave [signing] out (no check)")
     keys = []
     for text in t.strings("trusted_keys", allow_single=True):
         path = t.base_dir / Path(text)

@@ -6,7 +6,10 @@ Each check gives a `Finding`: ``ok``, ``warn`` (works, but slower or riskier tha
 - the config file (the daemon's own checks: every model loads with its backend, codecs and time options fit);
 - the kernels: numba importable, or the NumPy fallback in use and why;
 - the compile cache: writable, and warm (compiled kernels in it) or cold (the first start compiles for
-  tens of seconds on this machine, minutes on a Pi: run `edgernn warmup`);
+  tens of seconds on this machine, minutes on a Pi: run `edgernn warmup`). It judges the cache this process
+  would use (``[state] compile_cache``, else ``NUMBA_CACHE_DIR``, else the state dir's): run doctor with the
+  daemon's environment (a systemd unit's ``NUMBA_CACHE_DIR``) and as its user. "Warm" means compiled
+  kernels are there, not that they fit this numba and edgernn (`edgernn warmup` checks that);
 - the state directory: writable (a file written, fsynced, removed), its filesystem (tmpfs loses the states
   at reboot) and free space;
 - the broker: reachable with the configured address, TLS and credentials, as a client of its own
@@ -32,6 +35,9 @@ OK, WARN, FAIL = "ok", "warn", "fail"
 LOW_DISK_BYTES = 100 * 2**20
 """Free space below which the state directory gets a warning (snapshots are written beside the old one)."""
 VOLATILE_FILESYSTEMS = {"tmpfs", "ramfs"}
+OVERLAY_FILESYSTEMS = {"overlay", "overlayfs"}
+UNIX_SECONDS_DOUBT = 10 * 365 * 86400.0
+"""A median skew beyond ten years says the devices' ts is not in Unix seconds at all."""
 CLOCK_SKEW_WARN = 2.0
 """Seconds between a device's ``ts`` and this clock (median over the samples seen) that get a warning."""
 PROBE_SUFFIX = "-doctor"
@@ -115,15 +121,19 @@ def _compile_cache(config, origin: str | None) -> Finding:
 def _state_dir(directory: Path) -> Finding:
     problem = _not_writable(directory, sync=True)
     if problem:
-        return Finding("state dir", FAIL, f"{directory} is not writable: {problem}; stream states cannot be "
-                                          "kept across restarts", "create it and give the daemon's user write access, "
+        return Finding("state dir", FAIL, f"{directory} is not writable by {_user()}: {problem}; stream states "
+                                          "cannot be kept across restarts (run doctor as the daemon's user)", "create it and give the daemon's user write access, "
                                           "or set [state] dir")
     filesystem, mount = _filesystem(directory)
     free = shutil.disk_usage(directory).free
-    detail = f"{directory}: writable, on {filesystem} ({mount}), {free / 2**20:,.0f} MiB free"
+    detail = f"{directory}: writable by {_user()}, on {filesystem} ({mount}), {free / 2**20:,.0f} MiB free"
     if filesystem in VOLATILE_FILESYSTEMS:
         return Finding("state dir", WARN, detail + ": in memory, the states are lost at every reboot",
                        "set [state] dir to a directory on disk (e.g. /var/lib/edgernn)")
+    if filesystem in OVERLAY_FILESYSTEMS:
+        return Finding("state dir", WARN, detail + ": an overlay (Raspberry Pi OS's overlay file system keeps its "
+                                                   "changes in memory): the states may be lost at reboot",
+                       "put [state] dir on a persistent filesystem, or turn the overlay off")
     if free < LOW_DISK_BYTES:
         return Finding("state dir", WARN, detail + ": little room for snapshots", "free some space")
     return Finding("state dir", OK, detail)
@@ -138,7 +148,9 @@ def _broker_and_devices(config, listen: float) -> list[Finding]:
     skews: list[float] = []
     fields = {p.ts_field for p in config.pipelines if p.data_format == "json"}
 
-    def on_message(topic: str, payload: bytes) -> None:
+    def on_message(topic: str, payload: bytes, retained: bool) -> None:
+        if retained:  # kept by the broker from whenever: not a device's clock now
+            return
         try:
             body = json.loads(payload)
         except ValueError:
@@ -164,6 +176,11 @@ def _broker_and_devices(config, listen: float) -> list[Finding]:
                                                   "nothing to compare"))
         return found
     median = statistics.median(skews)
+    if abs(median) > UNIX_SECONDS_DOUBT:
+        found.append(Finding("device clocks", WARN, f"{len(skews)} sample(s): their ts is {median:+.3g} s off this "
+                                                    "clock: not Unix seconds (milliseconds? uptime?)",
+                             "send ts in seconds since 1970 (UTC), or leave it out"))
+        return found
     detail = (f"{len(skews)} sample(s) in {listen:g} s: this clock minus their ts, median {median:+.3f} s, "
               f"range {min(skews):+.3f} .. {max(skews):+.3f} s")
     if abs(median) > CLOCK_SKEW_WARN:
@@ -206,6 +223,15 @@ def _not_writable(directory: Path, sync: bool = False) -> str | None:
     except OSError as error:
         return error.strerror or str(error)
     return None
+
+
+def _user() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
 
 
 def _filesystem(directory: Path) -> tuple[str, str]:

@@ -563,14 +563,25 @@ class MqttLink:
 
 def probe(broker, subscriptions=(), listen: float = 0.0, on_message=None) -> str | None:
     """Connect once as a throwaway client (``broker.client_id`` must be the prober's own, never the daemon's:
-    it would take the daemon's session), clean session, no Last Will, nothing published. With
-    ``subscriptions``, listen ``listen`` seconds at QoS 0 and hand each message to ``on_message(topic,
-    payload)``. Returns None when it connected, else why not (`describe_failure`'s sentence)."""
-    broker = dataclasses.replace(broker, persistent_session=False, startup_error_behavior="error")
+    it would take the daemon's session), clean session, no Last Will, nothing published; each of
+    ``broker.servers`` in turn until one answers, as the daemon would. With ``subscriptions``, listen
+    ``listen`` seconds at QoS 0 and hand each message to ``on_message(topic, payload, retained)``. Returns
+    None when it connected, else why not (`describe_failure`'s sentence, of every server tried)."""
+    failures = []
+    for host, port in broker.servers:
+        failure = _probe_one(dataclasses.replace(broker, host=host, port=port, fallback_servers=(),
+                                                 persistent_session=False, startup_error_behavior="error"),
+                             subscriptions, listen, on_message)
+        if failure is None:
+            return None
+        failures.append(failure)
+    return "; ".join(failures)
 
+
+def _probe_one(broker, subscriptions, listen: float, on_message) -> str | None:
     def handle(client, userdata, message):
         if on_message is not None:
-            on_message(message.topic, message.payload)
+            on_message(message.topic, message.payload, bool(message.retain))
 
     connection = _Connection(broker, broker.client_id, "a check", lambda: None,
                              RateLimitedLog(log, CONNECT_FAILED_LOG_INTERVAL), lambda *_: None,
@@ -586,4 +597,3 @@ def probe(broker, subscriptions=(), listen: float = 0.0, on_message=None) -> str
         return None
     finally:
         connection.stop()
-

@@ -129,7 +129,11 @@ def _child(config_path: str) -> dict:
     from .backends import NumbaBackend, load_backend
     from .config import load_config
 
+    from .daemon import check_signatures
+
     config = load_config(config_path)
+    for pipeline in config.pipelines:
+        check_signatures(config, pipeline)  # ExecStartPre: nothing unsigned is loaded before the daemon refuses it
     loaded = [load_backend(pipeline) for pipeline in config.pipelines]
     for model, backend in loaded:  # what Pipeline.warm_up does before the daemon serves
         backend.step_batch(model.new_state(batch=1), np.zeros(1, np.int64), np.zeros((1, model.input_size), np.float32))

@@ -36,8 +36,11 @@ def _by_check(findings) -> dict:
 
 
 def _devices(port: int, clock_offset: float, stop: threading.Event) -> threading.Thread:
-    """Two devices publishing a sample with ts every 0.1 s, their clocks ``clock_offset`` s off this one."""
+    """Two devices publishing a sample with ts every 0.1 s, their clocks ``clock_offset`` s off this one (and
+    one retained day-old sample)."""
     client = Client(port)
+    # A sample the broker kept from a day ago: not a clock reading of now, never counted.
+    client.publish("sensors/dev9/imu", json.dumps(payload(9, 0, ts=time.time() - 86400)), retain=True)
 
     def run():
         seq = 0
@@ -54,7 +57,7 @@ def _devices(port: int, clock_offset: float, stop: threading.Event) -> threading
     return thread
 
 
-@pytest.mark.parametrize("offset, status", [(0.0, OK), (-3600.0, WARN)])
+@pytest.mark.parametrize("offset, status", [(0.0, OK), (-3600.0, WARN), (1.7e12, WARN)])
 def test_a_healthy_device_and_the_devices_clocks(tmp_path, broker, offset, status):
     write_model(tmp_path / "model.ern")
     config = write_config(tmp_path, broker.port, state=f'compile_cache = "{numba_cache_dir()}"')
@@ -71,8 +74,10 @@ def test_a_healthy_device_and_the_devices_clocks(tmp_path, broker, offset, statu
     assert findings["state dir"].status == OK and "writable" in findings["state dir"].detail
     clocks = findings["device clocks"]
     assert clocks.status == status, clocks
-    if status == WARN:
+    if offset == -3600.0:
         assert "median +3600" in clocks.detail and clocks.fix
+    if offset > 1e9:  # ts in milliseconds: said as such, not as a clock 54,000 years off
+        assert "not Unix seconds" in clocks.detail
     assert findings["kernels"].status == OK
 
 
@@ -81,6 +86,7 @@ def test_an_unreachable_broker_fails_and_says_why(tmp_path):
     config = write_config(tmp_path, free_port())
     findings = _by_check(run_checks(config, listen=0))
     assert findings["broker"].status == FAIL and "connection refused" in findings["broker"].detail
+    assert "writable by " in findings["state dir"].detail
     assert "device clocks" not in findings
 
 
@@ -128,3 +134,10 @@ def test_the_cli_with_the_numpy_fallback(tmp_path, broker):
                            str(write_config(tmp_path, free_port())), "--listen", "0"],
                           capture_output=True, text=True, timeout=120, env=env)
     assert down.returncode == 1 and "[fail] broker:" in down.stdout and "fix: check [broker]" in down.stdout
+
+
+def test_a_dead_first_broker_is_passed_over_for_the_next_as_the_daemon_would(tmp_path, broker):
+    write_model(tmp_path / "model.ern")
+    config = write_config(tmp_path, free_port(), broker=f'fallback_servers = ["127.0.0.1:{broker.port}"]')
+    finding = _by_check(run_checks(config, listen=0))["broker"]
+    assert finding.status == OK, finding

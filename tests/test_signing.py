@@ -9,13 +9,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from broker import Client, Mosquitto, mosquitto_binary
-from daemon_harness import payload, write_config, write_model
+from daemon_harness import payload, wait_until, write_config, write_model
 from edgernn.errors import SignatureError
 from edgernn.runtime.config import ConfigError, load_config
 from edgernn.runtime.daemon import Daemon, check
@@ -121,27 +120,57 @@ def test_the_daemon_refuses_an_unsigned_model_at_start_and_check(tmp_path, keys)
     assert served.returncode == 1 and "which is not trusted" in served.stderr
 
 
+def test_an_unsigned_onnx_step_model_is_refused_too(tmp_path, keys):
+    import dataclasses
+
+    from edgernn.runtime.daemon import check_signatures
+
+    directory, _ = keys
+    write_model(tmp_path / "model.ern")
+    sign_file(tmp_path / "model.ern", directory / "release.key")
+    (tmp_path / "step.onnx").write_bytes(b"an ONNX step model")
+    config = load_config(_signed_config(tmp_path, 1883, directory))
+    pipeline = dataclasses.replace(config.pipelines[0], backend="onnxruntime", onnx_model=tmp_path / "step.onnx")
+    with pytest.raises(SignatureError, match="step.onnx: unsigned"):
+        check_signatures(config, pipeline)
+    sign_file(tmp_path / "step.onnx", directory / "release.key")
+    check_signatures(config, pipeline)
+
+
+def test_an_empty_key_list_is_refused(tmp_path):
+    write_model(tmp_path / "model.ern")
+    with pytest.raises(ConfigError, match="signing.trusted_keys: is empty"):
+        load_config(write_config(tmp_path, 1883, top="[signing]\ntrusted_keys = []\n"))
+
+
 @pytest.mark.broker
 @pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed (make test installs it)")
-def test_a_reload_to_an_unsigned_file_keeps_the_current_model(tmp_path, keys):
+def test_a_reload_loads_a_signed_file_and_refuses_an_unsigned_one(tmp_path, keys, caplog):
     directory, _ = keys
     broker = Mosquitto(tmp_path / "broker").start()
     try:
-        model = write_model(tmp_path / "model.ern", seed=1)
+        first = write_model(tmp_path / "model.ern", seed=1)
         sign_file(tmp_path / "model.ern", directory / "release.key")
         daemon = Daemon(load_config(_signed_config(tmp_path, broker.port, directory)))
         daemon.start()
+
+        def serving(model) -> bool:
+            current = daemon.pipelines[0].model.weights
+            return all((current[name] == model.weights[name]).all() for name in model.weights)
+
         try:
             assert daemon.link.connected.wait(10)
-            write_model(tmp_path / "model.ern", seed=2)  # replaced, not signed
+            second = write_model(tmp_path / "model.ern", seed=2)  # replaced; its .sig is the old file's
             daemon.reload()
-            time.sleep(1.0)
-            assert daemon.pipelines[0].model.weights.keys() == model.weights.keys()
-            assert all((daemon.pipelines[0].model.weights[name] == model.weights[name]).all() for name in model.weights)
+            assert wait_until(lambda: "reload failed" in caplog.text, 10) and "changed after it was signed" in caplog.text
+            assert serving(first)
             outputs = Client(broker.port, subscribe="predictions/#")
             Client(broker.port).publish("sensors/dev0/imu", json.dumps(payload(0, 0)))
             assert outputs.wait_for(1, timeout=10)  # still serving, with the signed model
             outputs.close()
+            sign_file(tmp_path / "model.ern", directory / "release.key")
+            daemon.reload()
+            assert wait_until(lambda: serving(second), 10)  # signed now: loaded
         finally:
             daemon.stop()
     finally:
