@@ -164,12 +164,13 @@ async def _store(js, cluster):
 
 @dataclass
 class Lease:
-    """A partition held by this worker: the revision of our last write, and when it succeeded."""
+    """A partition held by this worker: the revision of our last write, and when the last write that succeeded
+    was sent (its TTL ran from then at the latest)."""
     partition: int
     revision: int
     token: str
     since: float  # wall time of the claim
-    renewed: float  # time.monotonic() of the last successful write
+    renewed: float  # time.monotonic() when the last successful write was sent
     lost: bool = False  # another worker holds it now (our update was refused)
     stats: dict = field(default_factory=dict)  # shown by `edgernn cluster status`
 
