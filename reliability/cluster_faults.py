@@ -84,7 +84,7 @@ def overlaps(intervals: dict) -> list[str]:
     return found
 
 
-def in_seq_order(collector: Collector, devices: int) -> list[str]:
+def in_seq_order(collector: Collector) -> list[str]:
     """Per device: the seqs in arrival order, repeats of seqs seen before dropped, must go up one by one."""
     problems, last = [], {}
     with collector._received:
@@ -101,7 +101,7 @@ def in_seq_order(collector: Collector, devices: int) -> list[str]:
     return problems[:20]
 
 
-def takeover(collector: Collector, moment_wall: float, moment_mono: float, devices: list[int]) -> dict:
+def takeover(collector: Collector, moment_mono: float, devices: list[int]) -> dict:
     """Seconds from a failure to each device's first prediction after it (p50, max), over ``devices``."""
     copies_after = {}
     with collector._received:
@@ -181,26 +181,26 @@ def main() -> int:
         events = {}
         victim = workers[0]
         affected = devices_of(victim)
-        moment = (time.time(), time.monotonic())
+        moment = time.monotonic()
         victim.kill()
         print(f"killed {victim.name} (-9): {len(affected)} devices to take over", flush=True)
         time.sleep(args.phase + args.lease_ttl)
-        events["worker_kill9"] = takeover(collector, *moment, affected)
+        events["worker_kill9"] = takeover(collector, moment, affected)
         leaving = workers[1]
         affected = devices_of(leaving)
-        moment = (time.time(), time.monotonic())
+        moment = time.monotonic()
         code = leaving.terminate()
         if code != 0:
             failures.append(f"{leaving.name} exited with {code} on SIGTERM")
         print(f"stopped {leaving.name} (SIGTERM): {len(affected)} devices to hand over", flush=True)
         time.sleep(args.phase)
-        events["worker_sigterm"] = takeover(collector, *moment, affected)
+        events["worker_sigterm"] = takeover(collector, moment, affected)
         if not args.quick:
-            moment = (time.time(), time.monotonic())
+            moment = time.monotonic()
             cluster.kill(2)
             print("killed NATS node n3 (-9)", flush=True)
             time.sleep(args.phase + 10)
-            events["nats_node_kill9"] = takeover(collector, *moment, list(range(args.devices)))
+            events["nats_node_kill9"] = takeover(collector, moment, list(range(args.devices)))
         sent = [publisher.stop(timeout=120) for publisher in publishers]
         total = min(sent)
         results["seconds"] = round(time.monotonic() - started, 1)
@@ -227,7 +227,7 @@ def main() -> int:
         results["predictions"] = sum(len(c) for device in copies.values() for c in device.values())
         results["repeats"] = repeats
         failures += [f"not the offline run: {line}" for line in inexact[:20]]
-        failures += [f"out of order: {line}" for line in in_seq_order(collector, args.devices)]
+        failures += [f"out of order: {line}" for line in in_seq_order(collector)]
         intervals = serving_intervals(workers, end)
         results["serving"] = {str(p): [(round(s, 3), round(e, 3), w) for s, e, w in spans]
                               for p, spans in sorted(intervals.items())}

@@ -61,6 +61,14 @@ def lease_key(partition: int) -> str:
     return f"part-{partition}"
 
 
+def handover_key(partition: int) -> str:
+    return f"handover-{partition}"
+
+
+def leases_bucket(cluster) -> str:
+    return f"{cluster.bucket}_leases"
+
+
 def checkpoint_name(partition: int, pipeline: str) -> str:
     return f"part-{partition}.{pipeline}.snapshot"
 
@@ -127,7 +135,7 @@ async def _bucket(js, cluster):
     from nats.js.api import KeyValueConfig
     from nats.js.errors import BadRequestError, BucketNotFoundError
 
-    name = f"{cluster.bucket}_leases"
+    name = leases_bucket(cluster)
     try:
         kv = await js.key_value(name)
     except BucketNotFoundError:
@@ -268,6 +276,16 @@ class Leases:
             log.warning("partition %d: lease not released (%r): it expires in %g s", lease.partition, error,
                         self.cluster.lease_ttl, extra={"event": "lease_release_failed", "partition": lease.partition})
 
+    def record_handover(self, lease: Lease, closed_at: float) -> None:
+        """Say when the partition's inputs were closed at a clean stop (the successor waits from then on); the
+        record expires with the bucket's TTL. Raises if NATS does not take it."""
+        self.nats.call(self.kv.put(handover_key(lease.partition), json.dumps({"closed_at": closed_at}).encode()))
+
+    def handover_closed_at(self, partition: int) -> float | None:
+        """When the last owner closed ``partition``'s inputs at a clean stop, if it said so within the TTL."""
+        entry = self.nats.call(_get_entry(self.kv, handover_key(partition)))
+        return None if entry is None else json.loads(entry[0])["closed_at"]
+
     def forget(self, lease: Lease) -> None:
         with self._lock:
             self.held.pop(lease.partition, None)
@@ -296,10 +314,6 @@ class Checkpoints:
 
 
 # ---- one partition ---------------------------------------------------------------------------------------
-def handover_key(partition: int) -> str:
-    return f"handover-{partition}"
-
-
 class Partition:
     """A `Daemon` serving one partition while its lease holds; its snapshots become the cluster's checkpoints."""
 
@@ -340,13 +354,13 @@ class Partition:
         had sent it and it never read comes back only then, and must come before newer messages (after a
         kill -9 the lease's TTL, longer than ack_wait, has waited already)."""
         try:
-            entry = self.worker.nats.call(_get_entry(self.worker.leases.kv, handover_key(self.number)))
+            closed_at = self.worker.leases.handover_closed_at(self.number)
         except Exception as error:  # noqa: BLE001 -- unknown: wait the full ack_wait to be safe
             log.warning("partition %d: handover record unreadable (%r): waiting ack_wait", self.number, error)
-            entry = (json.dumps({"closed_at": time.time()}).encode(), 0)
-        if entry is None:
+            closed_at = time.time()
+        if closed_at is None:
             return
-        delay = json.loads(entry[0])["closed_at"] + self.worker.cluster.ack_wait + HANDOVER_MARGIN - time.time()
+        delay = closed_at + self.worker.cluster.ack_wait + HANDOVER_MARGIN - time.time()
         if delay > 0:
             log.info("partition %d: waiting %.1f s for what the last owner left unread", self.number, delay,
                      extra={"event": "handover_wait", "partition": self.number})
@@ -404,8 +418,7 @@ class Partition:
         leases = self.worker.leases
         if clean and self.daemon.final_snapshot and leases.valid(self.lease):
             try:
-                self.worker.nats.call(leases.kv.put(handover_key(self.number),
-                                                    json.dumps({"closed_at": self.daemon.inputs_closed_at}).encode()))
+                leases.record_handover(self.lease, self.daemon.inputs_closed_at)
             except Exception as error:  # noqa: BLE001 -- without it the successor might not wait: let the TTL run
                 log.warning("partition %d: handover record not stored (%r): the lease lapses instead", self.number,
                             error, extra={"event": "handover_unrecorded", "partition": self.number})
@@ -563,7 +576,7 @@ def cluster_status(config) -> list[dict]:
     nats = Nats(config.cluster.nats, "edgernn cluster status")
     try:
         try:
-            kv = nats.call(nats.js.key_value(f"{config.cluster.bucket}_leases"), 30)
+            kv = nats.call(nats.js.key_value(leases_bucket(config.cluster)), 30)
         except BucketNotFoundError:
             kv = None  # no worker has started yet
         lag = nats.call(_lag_by_partition(nats.js, config.cluster.partitions), 30)

@@ -141,6 +141,7 @@ def _state_dir(directory: Path) -> Finding:
 
 def _broker_and_devices(config, listen: float) -> list[Finding]:
     """The broker, as a client of its own; then the devices' ``ts`` against this clock, if any came."""
+    from .connect_failures import uses_tls
     from .mqtt import probe
 
     broker = dataclasses.replace(config.broker, client_id=config.broker.client_id[:100] + PROBE_SUFFIX,
@@ -163,7 +164,7 @@ def _broker_and_devices(config, listen: float) -> list[Finding]:
 
     subscriptions = [pattern for p in config.pipelines for pattern in p.subscribe] if listen > 0 else []
     failure = probe(broker, subscriptions, listen, on_message)
-    tls = "TLS" if (config.broker.tls or config.broker.tls_ca or config.broker.tls_cert) else "no TLS"
+    tls = "TLS" if uses_tls(config.broker) else "no TLS"
     user = f"user {config.broker.username!r}" if config.broker.username else "no username"
     if failure:
         return [Finding("broker", FAIL, failure, "check [broker] host, port, TLS and credentials")]

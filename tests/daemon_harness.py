@@ -92,7 +92,10 @@ def start_daemon(config_path: Path) -> Daemon:
 
 
 class DaemonProcess:
-    """``python -m edgernn serve`` as a real process: for SIGTERM, SIGKILL and restarts."""
+    """``python -m edgernn serve`` as a real process: for SIGTERM, SIGKILL and restarts. Ready once its log
+    holds ``READY``; a stop renames that event in the log, so a restart waits for the new process's own."""
+
+    READY = b'"event": "started"'
 
     def __init__(self, config_path: Path, log_path: Path):
         self.config_path, self.log_path = config_path, log_path
@@ -108,7 +111,7 @@ class DaemonProcess:
         while time.monotonic() < deadline:  # ready when its log says it serves
             if self.process.poll() is not None:
                 raise RuntimeError(f"daemon exited with {self.process.returncode}: {self.log_path.read_text()[-3000:]}")
-            if b'"event": "started"' in self.log_path.read_bytes():
+            if self.READY in self.log_path.read_bytes():
                 time.sleep(0.3)
                 return self
             time.sleep(0.1)
@@ -117,15 +120,18 @@ class DaemonProcess:
     def terminate(self, timeout: float = 30) -> int:
         self.process.send_signal(signal.SIGTERM)
         code = self.process.wait(timeout)
-        self._log.close()
-        self.log_path.write_bytes(self.log_path.read_bytes().replace(b'"event": "started"', b'"event": "was-started"'))
+        self._stopped()
         return code
 
     def kill(self) -> None:
         self.process.kill()
         self.process.wait(10)
+        self._stopped()
+
+    def _stopped(self) -> None:
         self._log.close()
-        self.log_path.write_bytes(self.log_path.read_bytes().replace(b'"event": "started"', b'"event": "was-started"'))
+        retired = self.READY.replace(b'"event": "', b'"event": "was-')
+        self.log_path.write_bytes(self.log_path.read_bytes().replace(self.READY, retired))
 
 
 def wait_until(predicate, seconds: float) -> bool:

@@ -10,26 +10,27 @@ replicated MQTT streams exist).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import paho.mqtt.client as paho
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from daemon_harness import DaemonProcess
 from edgernn.local_broker import die_with_parent, free_port
-
-ROOT = Path(__file__).resolve().parent.parent
 from edgernn.runtime.nats_config import Node, server_config
 
 
 def nats_server_binary() -> str | None:
     return shutil.which("nats-server") or next((p for p in ("/usr/sbin/nats-server", "/usr/bin/nats-server")
                                                   if Path(p).exists()), None)
+
+
+needs_nats = pytest.mark.skipif(nats_server_binary() is None, reason="nats-server is not installed (make test installs it)")
 
 
 class NatsCluster:
@@ -121,37 +122,23 @@ class NatsCluster:
                          for path in sorted(self.directory.glob("*.log")))
 
 
-class Worker:
-    """``edgernn serve`` with ``[cluster]`` as a process; its JSON log is read back for the checks."""
+class Worker(DaemonProcess):
+    """``edgernn serve`` with ``[cluster]`` as a process (ready once the worker runs, serving or not); its JSON
+    log is read back for the checks."""
+
+    READY = b'"event": "cluster_started"'
 
     def __init__(self, name: str, config_path: Path, log_path: Path):
-        self.name, self.config_path, self.log_path = name, config_path, log_path
-        self.process = None
+        super().__init__(config_path, log_path)
+        self.name = name
         self.killed_at = None  # wall time of a SIGKILL
-
-    def start(self) -> "Worker":
-        log = open(self.log_path, "ab")
-        env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
-        self.process = subprocess.Popen([sys.executable, "-m", "edgernn", "serve", "--config", str(self.config_path)],
-                                        stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
-        log.close()
-        deadline = time.monotonic() + 60
-        while b'"cluster_started"' not in self.log_path.read_bytes() and self.process.poll() is None:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"worker {self.name} did not start: {self.log_path.read_text()[-2000:]}")
-            time.sleep(0.1)
-        if self.process.poll() is not None:
-            raise RuntimeError(f"worker {self.name} exited: {self.log_path.read_text()[-2000:]}")
-        return self
 
     def kill(self) -> None:
         self.killed_at = time.time()
-        self.process.kill()
-        self.process.wait(10)
+        super().kill()
 
     def terminate(self, timeout: float = 60) -> int:
-        self.process.terminate()
-        return self.process.wait(timeout)
+        return super().terminate(timeout)
 
     def events(self) -> list[dict]:
         out = []
@@ -163,7 +150,7 @@ class Worker:
                     pass
         return out
 
-    def serving(self, partition: int) -> list[int] | bool:
+    def serving(self, partition: int) -> bool:
         """Whether its log says it serves ``partition`` now (started, not stopped or aborted since)."""
         state = False
         for event in self.events():

@@ -18,10 +18,9 @@ from broker import Client, Mosquitto, free_port, mosquitto_binary
 from daemon_harness import offline, payload, wait_until, write_config, write_model
 from edgernn.runtime.config import ConfigError, load_config
 from edgernn.runtime.daemon import Daemon
-from nats_cluster import NatsCluster, nats_server_binary
+from nats_cluster import NatsCluster, needs_nats
 
 ROOT = Path(__file__).resolve().parent.parent
-needs_nats = pytest.mark.skipif(nats_server_binary() is None, reason="nats-server is not installed (make test installs it)")
 needs_mosquitto = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed (make test installs it)")
 
 CLUSTER = """

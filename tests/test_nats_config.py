@@ -17,9 +17,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edgernn.runtime.config import load_config
 from edgernn.runtime.nats_config import (Node, fnv1a32, partition_filter, partition_mapping, partition_of,
                                          pipeline_mappings, server_config)
-from nats_cluster import NatsCluster, nats_server_binary
+from nats_cluster import NatsCluster, nats_server_binary, needs_nats
 
-needs_nats = pytest.mark.skipif(nats_server_binary() is None, reason="nats-server is not installed (make test installs it)")
 
 CONFIG = """
 [broker]
