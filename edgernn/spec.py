@@ -35,7 +35,8 @@ Canonical gate order (G gates of H units each):
 
 State layout per stream: layer after layer, each direction's h (Hp floats) then, for an LSTM, c (H).
 
-Fields added after version 2 (``sample_rate``, ``rest_state``, ``rest_state_note``) are optional and
+Fields added after version 2 (``sample_rate``, ``rest_state``, ``rest_state_note``, ``labels``,
+``model_version``) are optional and
 written only when set: a spec without them is the same JSON as before (the same model fingerprint, so
 stream snapshots and journals stay valid), and an older edgernn refuses a spec that uses them by the
 field's name rather than silently starting streams from zeros.
@@ -322,11 +323,18 @@ class ModelSpec:
     """Where the state a stream starts from came from (`REST_STATE_ORIGINS`); not "zeros": tensor ``rest_state``."""
     rest_state_note: str = ""
     """A few words on how the rest state was made (``converged after 412 steps``), shown by ``edgernn inspect``."""
+    labels: tuple[str, ...] = ()
+    """A classifier's class names, one per output (Home Assistant shows the top one); empty when not set."""
+    model_version: str = ""
+    """The trained model's version, dotted numbers (``"3"``, ``"1.4.2"``): signed model updates refuse one that
+    is not newer than the model serving (`version_key`); empty when not set."""
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(_list_of(self.layers, "layers")))
         object.__setattr__(self, "head", tuple(_list_of(self.head, "head")))
         _plain_ints(self, "input_size", "version")
+        if isinstance(self.labels, list):
+            object.__setattr__(self, "labels", tuple(self.labels))
         if isinstance(self.sample_rate, int | np.integer | np.floating) and not isinstance(self.sample_rate, bool):
             object.__setattr__(self, "sample_rate", float(self.sample_rate))
         self.validate()
@@ -414,6 +422,8 @@ class ModelSpec:
             raise SpecError(f"rest_state_note: must be a string, got {self.rest_state_note!r}")
         if self.rest_state == "zeros" and self.rest_state_note:
             raise SpecError("rest_state_note: a zeros rest state takes no note")
+        if not isinstance(self.model_version, str) or (self.model_version and version_key(self.model_version) is None):
+            raise SpecError(f"model_version: must be dotted numbers such as \"3\" or \"1.4.2\", got {self.model_version!r}")
         if not self.layers:
             raise SpecError("layers: a model needs at least one recurrent layer")
         width, source = self.input_size, "input_size"
@@ -433,6 +443,17 @@ class ModelSpec:
             if dense.in_features != width:
                 raise SpecError(f"{where}.in_features: must equal {source} ({width}), got {dense.in_features}")
             width, source = dense.out_features, f"{where}.out_features"
+        self._validate_labels()
+
+    def _validate_labels(self) -> None:
+        if not isinstance(self.labels, tuple) or not all(isinstance(label, str) and label.strip()
+                                                         for label in self.labels):
+            raise SpecError(f"labels: must be a list of non-empty strings, got {self.labels!r}")
+        if self.labels and len(self.labels) != self.output_size:
+            raise SpecError(f"labels: one per output: the model has {self.output_size} outputs, got "
+                            f"{len(self.labels)} labels")
+        if len(set(self.labels)) != len(self.labels):
+            raise SpecError(f"labels: must be distinct, got {list(self.labels)!r}")
 
     # ---- JSON round trip -----------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -473,8 +494,17 @@ class ModelSpec:
         return cls.from_dict(data)
 
 
-_OPTIONAL_FIELDS = {"sample_rate": None, "rest_state": "zeros", "rest_state_note": ""}
+_OPTIONAL_FIELDS = {"sample_rate": None, "rest_state": "zeros", "rest_state_note": "", "labels": (),
+                    "model_version": ""}
 """Fields written only when they differ from these defaults."""
+
+
+def version_key(version: str) -> tuple[int, ...] | None:
+    """``"1.10.2"`` -> (1, 10, 2), which orders versions as people number them; None when not dotted numbers."""
+    parts = version.split(".") if isinstance(version, str) else []
+    if not parts or len(version) > 64 or not all(part.isascii() and part.isdigit() for part in parts):
+        return None
+    return tuple(int(part) for part in parts)
 
 
 def check_weights(spec: ModelSpec, weights: dict) -> dict[str, np.ndarray]:

@@ -142,6 +142,8 @@ def render(summary: dict, spec: ModelSpec) -> str:
         ("state", f"{spec.state_size} floats per stream"),
         ("rest state", rest_state_text(spec)),
         ("sample rate", sample_rate_text(spec)),
+        ("version", spec.model_version or "not set"),
+        ("labels", ", ".join(spec.labels) if spec.labels else "not set"),
         ("parameters", f"{summary['parameters']:,}"),
         ("dtype", summary["dtype"]),
         ("file size", f"{summary['file_size']:,} bytes"),

@@ -96,3 +96,17 @@ def test_from_torch_sets_the_sample_rate():
     assert from_torch(gru).spec.sample_rate is None
     with pytest.raises(SpecError, match="sample_rate: must be > 0"):
         from_torch(gru, sample_rate=-1)
+
+
+def test_convert_labels_and_model_version_and_inspect(tmp_path, capsys):
+    edgernn.save(random_model("gru", hidden=8, head=(2,)), tmp_path / "m.ern")
+    status, out, err = run_cli(capsys, "convert", tmp_path / "m.ern", "-o", tmp_path / "r.ern", "--labels",
+                               "idle, busy", "--model-version", "1.4")
+    assert status == 0, err
+    assert out.splitlines()[1:] == ["labels: idle, busy", "model version: 1.4"]
+    spec = edgernn.load(tmp_path / "r.ern").spec
+    assert spec.labels == ("idle", "busy") and spec.model_version == "1.4"
+    status, out, _ = run_cli(capsys, "inspect", tmp_path / "r.ern")
+    assert "version:     1.4\n" in out and "labels:      idle, busy\n" in out
+    status, _, err = run_cli(capsys, "convert", tmp_path / "m.ern", "-o", tmp_path / "x.ern", "--labels", "a,b,c")
+    assert status == 1 and "labels: one per output" in err

@@ -394,3 +394,25 @@ def test_output_size_without_a_head():
     assert spec.output_size == 9 and spec.state_size == 19
     assert "input.mean" not in spec.tensor_shapes()
     assert spec.parameter_count() == (60 + 100 + 40) + (27 * 5 + 27 * 9 + 54)
+
+
+def test_labels_and_model_version_are_optional_fields_that_keep_old_fingerprints():
+    import dataclasses
+
+    from edgernn.format import model_fingerprint
+    from edgernn.model import Model
+    from edgernn.spec import version_key
+
+    from helpers import random_model
+
+    model = random_model("gru", hidden=8, head=(3,))
+    labelled = dataclasses.replace(model.spec, labels=("a", "b", "c"), model_version="1.10")
+    assert ModelSpec.from_json(labelled.to_json()) == labelled
+    assert "labels" not in model.spec.to_dict() and "model_version" not in model.spec.to_dict()
+    unset = dataclasses.replace(labelled, labels=(), model_version="")
+    assert model_fingerprint(Model(unset, model.weights)) == model_fingerprint(model)
+    for bad, problem in ((dict(labels=("a", "b")), "one per output"), (dict(labels=("a", "a", "b")), "distinct"),
+                         (dict(model_version="v2"), "dotted numbers"), (dict(model_version="1..2"), "dotted numbers")):
+        with pytest.raises(SpecError, match=problem):
+            dataclasses.replace(model.spec, **bad)
+    assert version_key("1.10") > version_key("1.9") > version_key("1") and version_key("x") is None
