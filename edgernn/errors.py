@@ -39,4 +39,9 @@ class StreamingError(EdgeRNNError, ValueError):
 
 class SignatureError(EdgeRNNError, ValueError):
     """A model file's signature is missing, does not match the file, or is by no trusted key; or a key file is
-    not an Ed25519 key (`edgernn.signing`). The message names the file."""
+    not an Ed25519 key (`edgernn.signing`). The message names the file; ``reason`` is one word for counters:
+    unsigned, bad_signature (not a signature), tampered, untrusted (no trusted key made it), key, unreadable."""
+
+    def __init__(self, message: str, reason: str = "key"):
+        super().__init__(message)
+        self.reason = reason

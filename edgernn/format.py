@@ -56,11 +56,12 @@ def save(model, path, dtype: str = "float32") -> None:
     write_model_file(path, model.spec, model.weights, dtype)
 
 
-def load(path):
-    """Read a model written by `save`."""
+def load(path, data: bytes | None = None):
+    """Read a model written by `save`. ``data``: the file's bytes, already read (and checked: a signed update),
+    so that what was checked is what is loaded; ``path`` then only names it in errors."""
     from .model import Model  # lazy: keeps `import edgernn.format` free of numba
 
-    spec, weights = read_model_file(path)
+    spec, weights = read_model_file(path, data)
     try:
         return Model(spec, weights)
     except SpecError as exc:
@@ -86,9 +87,9 @@ def write_model_file(path, spec: ModelSpec, weights: dict, dtype: str = "float32
     atomic_write_bytes(path, safetensors.numpy.save(stored, metadata=metadata))
 
 
-def read_model_file(path) -> tuple[ModelSpec, dict[str, np.ndarray]]:
-    """The spec and float32 weights of a model file; `FormatError` naming the file on any problem."""
-    metadata, tensors = read_tensor_file(path)
+def read_model_file(path, data: bytes | None = None) -> tuple[ModelSpec, dict[str, np.ndarray]]:
+    """The spec and float32 weights of a model file (or of its ``data``); `FormatError` naming it on any problem."""
+    metadata, tensors = read_tensor_file(path, data)
     check_kind(path, metadata, FORMAT_NAME)
     reader = select_reader(path, metadata, _READERS)
     return reader(path, metadata, tensors)
@@ -117,10 +118,11 @@ def model_fingerprint(model) -> str:
 
 
 # ---- reading safetensors with errors that say what is wrong -----------------------------------------
-def read_tensor_file(path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
-    """The metadata and tensors of a safetensors file, refusing missing, truncated and foreign files."""
+def read_tensor_file(path, data: bytes | None = None) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """The metadata and tensors of a safetensors file (or of its bytes ``data``), refusing missing, truncated
+    and foreign files."""
     try:
-        data = Path(path).read_bytes()
+        data = Path(path).read_bytes() if data is None else data
     except FileNotFoundError:
         raise FormatError(path, "no such file") from None
     except IsADirectoryError:

@@ -104,9 +104,10 @@ def _state_layout(path, metadata: dict, model) -> list[tuple[str, str, int, int]
     return layout
 
 
-def load_backend(pipeline):
-    """The model and backend a pipeline's config asks for (files are checked here, with clear errors)."""
-    model = edgernn.load(pipeline.model)
+def load_backend(pipeline, model_bytes: bytes | None = None):
+    """The model and backend a pipeline's config asks for (files are checked here, with clear errors).
+    ``model_bytes``: the model file's content, read and checked already (a signature)."""
+    model = edgernn.load(pipeline.model, model_bytes)
     if not model.streamable:
         raise edgernn.StreamingError(f"{pipeline.model}: pipeline {pipeline.name!r} needs a model that steps one "
                                      "sample at a time (it has a reverse or bidirectional layer)")

@@ -132,9 +132,8 @@ def _child(config_path: str) -> dict:
     from .daemon import check_signatures
 
     config = load_config(config_path)
-    for pipeline in config.pipelines:
-        check_signatures(config, pipeline)  # ExecStartPre: nothing unsigned is loaded before the daemon refuses it
-    loaded = [load_backend(pipeline) for pipeline in config.pipelines]
+    checked = [check_signatures(config, p) for p in config.pipelines]  # ExecStartPre: nothing unsigned is loaded
+    loaded = [load_backend(pipeline, data) for pipeline, data in zip(config.pipelines, checked)]
     for model, backend in loaded:  # what Pipeline.warm_up does before the daemon serves
         backend.step_batch(model.new_state(batch=1), np.zeros(1, np.int64), np.zeros((1, model.input_size), np.float32))
     cpu_to_first_prediction = time.process_time()  # every thread's CPU time since this process started

@@ -50,17 +50,20 @@ def test_unsigned_tampered_wrong_key_and_forged_files_are_refused(tmp_path, keys
     directory, ids = keys
     model = tmp_path / "model.ern"
     write_model(model)
-    with pytest.raises(SignatureError, match="unsigned"):
+    with pytest.raises(SignatureError, match="unsigned") as refused:
         verify_file(model, _trusted(directory))
+    assert refused.value.reason == "unsigned"
     sign_file(model, directory / "other.key")
-    with pytest.raises(SignatureError, match=f"signed by key {ids['other']}, which is not trusted"):
+    with pytest.raises(SignatureError, match=f"signed by key {ids['other']}, which is not trusted") as refused:
         verify_file(model, _trusted(directory))
+    assert refused.value.reason == "untrusted"
     sign_file(model, directory / "release.key")
     data = bytearray(model.read_bytes())
     data[-1] ^= 1
     model.write_bytes(bytes(data))
-    with pytest.raises(SignatureError, match="changed after it was signed"):
+    with pytest.raises(SignatureError, match="changed after it was signed") as refused:
         verify_file(model, _trusted(directory))
+    assert refused.value.reason == "tampered"
     # A signature that claims the new content's digest but was not made by the key: forged.
     import hashlib
     signature = json.loads(signature_path(model).read_text())
