@@ -2,8 +2,9 @@
 
     edgernn convert SRC -o OUT       PyTorch (state dict, pickled module, TorchScript, package.module:factory),
                                      ONNX or .ern in; an .ern file (--dtype float32|float16|int8) or an ONNX
-                                     step model (--to onnx, or OUT ending in .onnx) out; --sample-rate HZ
-                                     and --rest-state idle|zeros|FILE.npy are stored in the file
+                                     step model (--to onnx, or OUT ending in .onnx) out; --sample-rate HZ,
+                                     --rest-state idle|zeros|FILE.npy, --labels A,B and --model-version V
+                                     are stored in the file
     edgernn inspect FILE [--json]    layers, sizes, dtype, checksum, FLOPs per step, streamable or not,
                                      rest state and sample rate
     edgernn verify FILE --reference SRC
@@ -21,6 +22,12 @@
                                      --replay FILE.csv); a summary at the end or on Ctrl-C (--json)
     edgernn demo [--duration S]      a broker, the daemon and a simulated fleet on this machine, with a
                                      live view of the predictions; a summary at the end or on Ctrl-C
+    edgernn doctor --config FILE     checks a device's set-up (models, kernels, cache, state dir, broker,
+                                     clocks) and says what to fix
+    edgernn top --config FILE        a live view of a running daemon (its metrics endpoint or stats topic)
+    edgernn keygen / sign            Ed25519 keys; a model file's signature (MODEL.sig)
+    edgernn update MODEL --config FILE --pipeline P
+                                     send a signed model to a running daemon over MQTT; says what became of it
 
 Errors are one line on stderr (``edgernn: error: ...``) and exit status 1; usage errors exit 2.
 ``--debug`` shows tracebacks and debug logs. Stage lines go to stderr when it is a terminal.
@@ -96,6 +103,12 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--no-verify", action="store_true", help="do not run a module source to check the result")
     convert.add_argument("--sample-rate", type=_positive_float, metavar="HZ",
                          help="samples per second the model was trained at, stored in the file (default: not set)")
+    convert.add_argument("--labels", type=_labels_option, metavar="A,B,...",
+                         help="a classifier's class names, one per output, stored in the file (Home Assistant "
+                              "shows the top class by name)")
+    convert.add_argument("--model-version", metavar="VERSION",
+                         help="the model's version, dotted numbers (3, 1.4.2), stored in the file: a signed update "
+                              "over MQTT must carry a newer one")
     convert.add_argument("--rest-state", type=_rest_state_option, metavar="idle|zeros|FILE.npy",
                          help="the state every stream starts from: idle (where the state settles under a constant "
                               "idle input: the training mean, or zeros), FILE.npy (the final state after a (T, "
@@ -247,6 +260,34 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true", help="the findings as JSON lines")
     doctor.set_defaults(run=_doctor)
 
+    top = commands.add_parser(
+        "top", parents=[common], help="a live view of a running daemon",
+        description="Streams, messages/s in and out, rejects by reason, queue, step and end-to-end latency and the "
+                    "models served, read from the daemon's metrics endpoint ([metrics] listen, or --url) or else "
+                    "its retained stats topic ([metrics] stats_topic). docs/live-view.md shows a screen.")
+    top.add_argument("--config", metavar="FILE", help="the daemon's TOML config (where to read it from)")
+    top.add_argument("--url", metavar="URL", help="the metrics endpoint, e.g. http://pi.local:9108/metrics")
+    top.add_argument("--interval", type=_positive_float, default=1.0, metavar="SECONDS",
+                     help="seconds between two reads (default %(default)s)")
+    top.add_argument("--once", action="store_true", help="print one frame (two reads apart) and exit")
+    top.set_defaults(run=_top, parser=top)
+
+    update = commands.add_parser(
+        "update", parents=[common], help="send a signed model to a running daemon over MQTT",
+        description="Publishes MODEL (signed: MODEL.sig, from `edgernn sign`) as an update of one pipeline of the "
+                    "daemon whose config is given, on its [updates] topic, and waits for what became of it "
+                    "(installed, in shadow, or refused and why). Exit 0 unless refused.")
+    update.add_argument("model", metavar="MODEL", help="the signed .ern file")
+    update.add_argument("--config", required=True, metavar="FILE", help="the daemon's TOML config")
+    update.add_argument("--pipeline", required=True, help="the pipeline to update")
+    update.add_argument("--local", action="store_true",
+                        help="send only the file's path: the daemon reads it (it must be under [updates] allow_paths)")
+    update.add_argument("--chunk-size", type=int, default=256 << 10, metavar="BYTES",
+                        help="bytes per MQTT message (default %(default)s)")
+    update.add_argument("--wait", type=_positive_float, default=60.0, metavar="SECONDS",
+                        help="how long to wait for the daemon's answer (default %(default)s)")
+    update.set_defaults(run=_update)
+
     cluster = commands.add_parser("cluster", help="scale-out over a NATS cluster (docs/scale-out.md)")
     cluster_commands = cluster.add_subparsers(dest="cluster_command", metavar="COMMAND", required=True)
     nats_config = cluster_commands.add_parser(
@@ -301,6 +342,10 @@ def _positive_float(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
+
+
+def _labels_option(text: str) -> tuple[str, ...]:
+    return tuple(label.strip() for label in text.split(","))
 
 
 def _rest_state_option(text: str) -> str:
@@ -426,6 +471,11 @@ def _annotate(args, model):
     if args.sample_rate is not None:
         model = Model(dataclasses.replace(model.spec, sample_rate=args.sample_rate), model.weights)
         notes.append(f"sample rate: {sample_rate_text(model.spec)}")
+    for field in ("labels", "model_version"):
+        value = getattr(args, field)
+        if value is not None:
+            model = Model(dataclasses.replace(model.spec, **{field: value}), model.weights)  # SpecError names it
+            notes.append(f"{field.replace('_', ' ')}: {', '.join(value) if field == 'labels' else value}")
     replaced = model.spec.rest_state == "trained" and args.rest_state is not None
     if args.rest_state is not None:
         model = _with_rest_state_option(model, args.rest_state)
@@ -767,6 +817,32 @@ def _sign(args) -> int:
         args.parser.error("signing takes one --key (the private key)")
     print(f"wrote {sign_file(args.file, args.key[0])}")
     return 0
+
+
+def _top(args) -> int:
+    from edgernn.runtime.top import run_top, source_for
+
+    if args.url is None and args.config is None:
+        args.parser.error("give --config FILE (the daemon's) or --url URL (its metrics endpoint)")
+    config = None
+    if args.config is not None:
+        from edgernn.runtime.config import load_config
+
+        config = load_config(args.config)
+    return run_top(args.url or source_for(config), interval=args.interval, once=args.once, config=config)
+
+
+def _update(args) -> int:
+    from edgernn.runtime.config import load_config
+    from edgernn.runtime.updates import send_update
+
+    event, failure = send_update(load_config(args.config), args.pipeline, args.model, local=args.local,
+                                 chunk_size=args.chunk_size, wait=args.wait)
+    if event is None:
+        print(f"edgernn: error: the update got no answer: {failure}", file=sys.stderr)
+        return 1
+    print(json.dumps(event))
+    return 0 if event["event"] in ("installed", "shadow_started", "promoted") else 1
 
 
 def _doctor(args) -> int:

@@ -94,6 +94,28 @@ class BrokerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HomeAssistantSensor:
+    """One numeric sensor Home Assistant shows for a regressor's or forecaster's output ``output``."""
+
+    output: int
+    name: str
+    unit: str | None = None
+    device_class: str | None = None
+    state_class: str | None = "measurement"
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineHomeAssistant:
+    """``[pipelines.homeassistant]``: how the pipeline's streams appear in Home Assistant (runtime/homeassistant.py).
+    A classifier (class names here or in the model file) shows its top class and its confidence; otherwise
+    one numeric sensor per entry of ``sensors`` (default: one per output, ``y0``, ``y1``, ...)."""
+
+    enabled: bool = True
+    labels: tuple[str, ...] = ()
+    sensors: tuple[HomeAssistantSensor, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class PipelineConfig:
     """``[[pipelines]]``: topics in, one model, topics out. Templates keep ``{key}``/``{pipeline}``."""
 
@@ -129,6 +151,7 @@ class PipelineConfig:
     dead_letter: str | None = None
     backend: str = "numba"
     onnx_model: Path | None = None
+    homeassistant: PipelineHomeAssistant = PipelineHomeAssistant()
 
     @property
     def effective_publish_qos(self) -> int:
@@ -185,6 +208,36 @@ class SigningConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HomeAssistantConfig:
+    """``[homeassistant]``: MQTT discovery of every stream's predictions (runtime/homeassistant.py)."""
+
+    discovery_prefix: str = "homeassistant"
+    expire_after: int = 300  # seconds without a prediction before Home Assistant shows "unavailable"; 0: never
+    status_topic: str = ""  # Home Assistant's birth topic; "" means <discovery_prefix>/status
+
+    @property
+    def birth_topic(self) -> str:
+        return self.status_topic or f"{self.discovery_prefix}/status"
+
+
+@dataclass(frozen=True, slots=True)
+class UpdatesConfig:
+    """``[updates]``: signed model updates over MQTT (runtime/updates.py, README "Model updates")."""
+
+    topic: str  # updates for pipeline P arrive on <topic>/P
+    events_topic: str  # what became of each update (JSON, QoS 1, not retained)
+    dir: Path  # the installed models, the last good ones, the manifest
+    states: str = "keep"  # "keep": kept when the state shapes are unchanged (else reset); "reset": always reset
+    shadow_messages: int = 0  # > 0: the candidate runs beside the current model for this many predictions first
+    max_divergence: float = math.inf  # shadow: the largest |candidate - current| allowed for promotion
+    shadow_topic: str = "edgernn/shadow/{pipeline}/{key}"
+    probation_messages: int = 1000  # a non-finite prediction within this many after a swap rolls it back
+    max_bytes: int = 64 << 20
+    chunk_timeout: float = 60.0  # an update whose chunks stop coming for this long is dropped (said)
+    allow_paths: tuple[Path, ...] = ()  # local-path updates only from files under these directories
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterConfig:
     """``[cluster]``: this daemon is one worker of several behind a NATS cluster (runtime/cluster.py,
     docs/scale-out.md). It serves only the partitions whose lease it holds."""
@@ -215,6 +268,8 @@ class Config:
     source: Path
     cluster: ClusterConfig | None = None
     signing: SigningConfig = SigningConfig()
+    homeassistant: HomeAssistantConfig | None = None
+    updates: UpdatesConfig | None = None
 
 
 # ---- public API ---------------------------------------------------------------------------------------
@@ -246,12 +301,18 @@ def parse_config(data: dict, source: str = "<config>", base_dir: Path = Path("."
         log = _parse_log(top.table("log", _known(LogConfig)))
         cluster = _parse_cluster(top, pipelines, state, broker) if "cluster" in data else None
         signing = _parse_signing(top.table("signing", _known(SigningConfig)))
+        homeassistant = _parse_homeassistant(top, pipelines) if "homeassistant" in data else None
+        updates = _parse_updates(top, broker, state, signing, pipelines) if "updates" in data else None
+        if cluster is not None and (homeassistant is not None or updates is not None):
+            raise _Invalid("homeassistant" if homeassistant is not None else "updates",
+                           "is not supported by a [cluster] worker yet")
         if cluster is not None and metrics.listen is not None:
             raise _Invalid("metrics.listen", "is not served by a [cluster] worker yet (each partition has its own "
                                              "daemon): `edgernn cluster status` shows each partition")
     except _Invalid as exc:
         raise ConfigError(source, exc.key, exc.problem) from None
-    return Config(broker, pipelines, state, daemon, metrics, log, Path(source), cluster, signing)
+    return Config(broker, pipelines, state, daemon, metrics, log, Path(source), cluster, signing, homeassistant,
+                  updates)
 
 
 def redacted(config: Config) -> dict:
@@ -432,6 +493,8 @@ def _parse_pipeline(t: _Table) -> PipelineConfig:
         dead_letter=dead_letter,
         backend=backend,
         onnx_model=onnx_model,
+        homeassistant=_parse_pipeline_homeassistant(t.table("homeassistant", _known(PipelineHomeAssistant)),
+                                                    output_format),
     )
 
 
@@ -474,6 +537,75 @@ def _parse_signing(t: _Table) -> SigningConfig:
             raise t.invalid("trusted_keys", f"key file not found: {path}")
         keys.append(path)
     return SigningConfig(tuple(keys))
+
+
+DISCOVERY_ID = re.compile(r"[A-Za-z0-9_-]+")
+"""What Home Assistant allows in a discovery topic's node and object ids."""
+
+
+def _parse_homeassistant(top: _Table, pipelines) -> HomeAssistantConfig:
+    t = top.table("homeassistant", _known(HomeAssistantConfig))
+    prefix = t.string("discovery_prefix", "homeassistant")
+    if not all(DISCOVERY_ID.fullmatch(level) for level in prefix.split("/")):
+        raise t.invalid("discovery_prefix", f"must be topic levels of letters, digits, '_' and '-', got {_quote(prefix)}")
+    expire_after = t.integer("expire_after", 300, minimum=0)
+    status_topic = _topic_template(t, "status_topic", (), "", values={}) if "status_topic" in t.data else ""
+    for pipeline in pipelines:
+        if expire_after and pipeline.retain and pipeline.homeassistant.enabled:
+            raise t.invalid("expire_after", f"pipeline {_quote(pipeline.name)} publishes retained predictions: Home "
+                                            "Assistant would show a retained, stale value as fresh after a restart; "
+                                            "set retain = false there, or expire_after = 0")
+    return HomeAssistantConfig(prefix, expire_after, status_topic)
+
+
+def _parse_pipeline_homeassistant(t: _Table, output_format: str) -> PipelineHomeAssistant:
+    enabled = t.boolean("enabled", True)
+    if t.data and enabled and output_format != "json":
+        raise t.invalid("enabled", "Home Assistant reads JSON predictions: output_format must be \"json\"")
+    labels = t.strings("labels") if "labels" in t.data else ()
+    if len(set(labels)) != len(labels):
+        raise t.invalid("labels", f"must be distinct, got {list(labels)}")
+    sensors = []
+    items = t.data.get("sensors", [])
+    if not isinstance(items, list):
+        raise t.invalid("sensors", f"must be an array of tables, got {_describe(items)}")
+    for index, item in enumerate(items):
+        s = _Table(item, t.key(f"sensors[{index}]"), _known(HomeAssistantSensor), t.base_dir)
+        sensors.append(HomeAssistantSensor(output=s.integer("output", minimum=0), name=s.string("name"),
+                                           unit=s.string("unit", None), device_class=s.string("device_class", None),
+                                           state_class=s.string("state_class", "measurement",
+                                                                choices=("measurement", "total", "total_increasing"))))
+    if labels and sensors:
+        raise t.invalid("sensors", "a classifier (labels) shows its top class and confidence: give labels or "
+                                   "sensors, not both")
+    return PipelineHomeAssistant(enabled, labels, tuple(sensors))
+
+
+def _parse_updates(top: _Table, broker: BrokerConfig, state: StateConfig, signing: SigningConfig,
+                   pipelines) -> UpdatesConfig:
+    t = top.table("updates", _known(UpdatesConfig))
+    if not signing.trusted_keys:
+        raise t.invalid("topic", "model updates must be signed: list the keys to trust in [signing] trusted_keys")
+    values = {"client_id": broker.client_id}
+    topic = _topic_template(t, "topic", ("client_id",), "edgernn/{client_id}/update", values)
+    events = _topic_template(t, "events_topic", ("client_id",), "edgernn/{client_id}/update/events", values)
+    shadow_topic = _topic_template(t, "shadow_topic", ("key", "pipeline"), "edgernn/shadow/{pipeline}/{key}")
+    for pipeline in pipelines:
+        if events == f"{topic}/{pipeline.name}":
+            raise t.invalid("events_topic", f"{_quote(events)} is where pipeline {_quote(pipeline.name)}'s updates "
+                                            "arrive: choose another topic")
+    allow_paths = tuple(t.base_dir / Path(text) for text in t.strings("allow_paths")) if "allow_paths" in t.data else ()
+    return UpdatesConfig(
+        topic=topic, events_topic=events, dir=t.path("dir", None) or state.dir / "models",
+        states=t.string("states", "keep", choices=("keep", "reset")),
+        shadow_messages=t.integer("shadow_messages", 0, minimum=0),
+        max_divergence=t.number("max_divergence", math.inf, minimum=0.0) if "max_divergence" in t.data else math.inf,
+        shadow_topic=shadow_topic,
+        probation_messages=t.integer("probation_messages", 1000, minimum=0),
+        max_bytes=t.integer("max_bytes", 64 << 20, minimum=1024),
+        chunk_timeout=t.number("chunk_timeout", 60.0, above=0.0),
+        allow_paths=allow_paths,
+    )
 
 
 BUCKET_NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -671,7 +803,8 @@ def _topic_template(t: _Table, name: str, allowed: tuple[str, ...], default=_REQ
 
 
 # ---- reading values -----------------------------------------------------------------------------------
-_TOP_LEVEL_TABLES = frozenset({"broker", "pipelines", "state", "daemon", "metrics", "log", "cluster", "signing"})
+_TOP_LEVEL_TABLES = frozenset({"broker", "pipelines", "state", "daemon", "metrics", "log", "cluster", "signing",
+                               "homeassistant", "updates"})
 
 
 def _known(cls, *extra: str) -> frozenset:

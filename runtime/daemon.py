@@ -51,20 +51,39 @@ class Daemon:
         just written in the cluster. With it, a message is acked only once a stored checkpoint holds it."""
         self.config = config
         self._checkpoint = checkpoint
-        for pipeline_config in config.pipelines:
-            check_signatures(config, pipeline_config)  # before any model file is loaded
         self.metrics = Metrics([p.name for p in config.pipelines], REJECT_REASONS + (INTERNAL_ERROR,))
-        self.pipelines = [Pipeline(p, config.state, self.metrics.pipeline(p.name)) for p in config.pipelines]
+        self.pipelines = [Pipeline(p, config.state, self.metrics.pipeline(p.name), loaded)
+                          for p, loaded in (self._load_serving(p) for p in config.pipelines)]
+        for pipeline in self.pipelines:
+            self.metrics.set_model(pipeline.name, pipeline.model)
         self._drop_log = RateLimitedLog(log, config.log.bad_input_interval)
         self._reload_log = RateLimitedLog(log, 30.0)
         self.inbox = Inbox(config.daemon.max_undelivered_messages, on_drop=self._dropped)
         subscriptions = [(pattern, p.config.qos) for p in self.pipelines for pattern in p.config.subscribe]
+        if config.homeassistant is not None:
+            subscriptions.append((config.homeassistant.birth_topic, 1))
+        if config.updates is not None:
+            subscriptions += [(f"{config.updates.topic}/{p.name}", 1) for p in self.pipelines]
         self.link = MqttLink(config.broker, subscriptions, self.inbox.put, self._connection_changed,
                              receive_maximum=config.daemon.max_undelivered_messages,
                              on_publish_failed=self.metrics.publish_failures.inc)
         self.scheduler = Scheduler(self.pipelines, self.link, self.inbox, self.metrics, config.daemon.max_batch,
                                    RateLimitedLog(log, config.log.bad_input_interval))
         self.scheduler.withhold_acks = checkpoint is not None
+        self.discovery = self.updates = None
+        if config.homeassistant is not None:
+            from .homeassistant import Discovery
+
+            self.discovery = Discovery(config.homeassistant, config.broker, self.pipelines, self.link.publish,
+                                       config.source)
+            self.scheduler.control[config.homeassistant.birth_topic] = lambda inbound: self.discovery.handle_birth(
+                inbound.payload)
+        if config.updates is not None:
+            from .updates import Updates
+
+            self.updates = Updates(config, self.pipelines, self.swap_model, self._check_model, self.link.publish,
+                                   lambda pipeline, result: self.metrics.model_updates.labels(pipeline, result).inc())
+            self.scheduler.control.update(self.updates.handlers())
         self.notifier = notifier or Notifier()
         self.stopping = threading.Event()
         self._aborted = False
@@ -197,6 +216,10 @@ class Daemon:
             deadline = scheduler.next_deadline()  # a held sample's reorder timeout (runtime/timing.py)
             scheduler.take_and_process(TICK if deadline is None else min(TICK, max(0.0, deadline - time.monotonic())))
             scheduler.release_due(time.monotonic())
+            if self.updates is not None:
+                self.updates.tick()  # swaps decided during the micro-batch (a promotion, a rollback)
+            if self.discovery is not None:
+                self.discovery.announce_pending()
             self._write_done_records()
             now = time.monotonic()
             self.metrics.queue_depth.set(len(self.inbox))
@@ -267,10 +290,13 @@ class Daemon:
                                      event="reload_postponed")
             return False
         self.notifier.reloading()
-        for pipeline in self.pipelines:
+        for pipeline, source in zip(self.pipelines, self.config.pipelines):
             try:
-                check_signatures(self.config, pipeline.config)
-                kept = pipeline.reload()
+                config = self._serving_config(source)
+                loaded = load_backend(config, check_signatures(self.config, config))
+                self._check_model(config, loaded[0])
+                kept = pipeline.reload(config, loaded)
+                self.metrics.set_model(pipeline.name, pipeline.model)
             except Exception as error:  # noqa: BLE001 -- a bad new file keeps the old model serving
                 log.error("pipeline %s: reload failed, keeping the current model: %s", pipeline.name, error,
                           extra={"event": "reload_failed", "pipeline": pipeline.name})
@@ -281,7 +307,57 @@ class Daemon:
                      extra={"event": "reloaded", "pipeline": pipeline.name, "states_kept": kept})
         self._snapshot()
         self.notifier.ready()
+        if self.discovery is not None:
+            self.discovery.pending = True  # the model's name or version shown may have changed
         return True
+
+    def swap_model(self, pipeline, config, loaded, keep_states: bool = True) -> bool | None:
+        """Serve ``loaded`` (model, backend) of ``config`` for ``pipeline`` from the next message on, between two
+        snapshots (a model update: runtime/updates.py). Returns whether the states were kept, or None when the
+        snapshot before it could not be taken (outputs unconfirmed): nothing changed, try again later."""
+        if not self._snapshot(timeout=1.0):
+            return None
+        self.notifier.reloading()
+        kept = pipeline.reload(config, loaded, keep_states)
+        if not kept:
+            pipeline.metrics.resets("reload").inc(len(pipeline.table))
+        self.metrics.set_model(pipeline.name, pipeline.model)
+        self._snapshot()
+        self.notifier.ready()
+        if self.discovery is not None:
+            self.discovery.pending = True
+        return kept
+
+    def _serving_config(self, source):
+        """The pipeline config to serve: with ``[updates]``, an installed update's file replaces the config's."""
+        if self.config.updates is None:
+            return source
+        from .updates import serving_config
+
+        return serving_config(self.config.updates, source)
+
+    def _load_serving(self, source):
+        """(config, (model, backend)) to start ``source``'s pipeline with: an installed update when there is one
+        and it loads (else, said, the model file the config names), with its signature checked."""
+        config = self._serving_config(source)
+        if config is not source:
+            try:
+                loaded = load_backend(config, check_signatures(self.config, config))
+                self._check_model(config, loaded[0])
+                return config, loaded
+            except Exception as error:  # noqa: BLE001 -- a broken install: the config's own model serves
+                log.error("pipeline %s: the installed update %s does not load (%s): serving %s", source.name,
+                          config.model, error, source.model, extra={"event": "update_unloadable"})
+        return source, load_backend(source, check_signatures(self.config, source))  # checked before any is loaded
+
+    def _check_model(self, config, model) -> None:
+        """Raise when ``model`` cannot serve ``config``'s payloads, time options or Home Assistant sensors."""
+        make_codecs(config, model)
+        make_timing(config, model)
+        if self.config.homeassistant is not None and config.homeassistant.enabled:
+            from .homeassistant import check_pipeline
+
+            check_pipeline(self.config.source, config, model)
 
     def _publish_stats(self) -> None:
         topic = self.config.metrics.stats_topic
@@ -333,22 +409,26 @@ def check(config) -> list[str]:
     lock): every model file loads with its backend, and every pipeline's codecs fit its model."""
     lines = []
     for pipeline in config.pipelines:
-        check_signatures(config, pipeline)
-        model, backend = load_backend(pipeline)
+        model, backend = load_backend(pipeline, check_signatures(config, pipeline))
         make_codecs(pipeline, model)
         make_timing(pipeline, model)  # gap_policy and input_rate need the model's sample rate
+        if config.homeassistant is not None and pipeline.homeassistant.enabled:
+            from .homeassistant import check_pipeline
+
+            check_pipeline(config.source, pipeline, model)
         lines.append(f"pipeline {pipeline.name}: {pipeline.model} {model!r} on {backend.name} ({backend.device})")
     return lines
 
 
-def check_signatures(config, pipeline) -> None:
+def check_signatures(config, pipeline) -> bytes | None:
     """With ``[signing] trusted_keys``: every file ``pipeline`` loads as a model carries a valid signature by
-    one of them (`edgernn.signing`); raises `SignatureError` naming the file otherwise."""
+    one of them (`edgernn.signing`); raises `SignatureError` naming the file otherwise. Returns the model
+    file's bytes as checked (load those, not the file again), or None without trusted keys."""
     if not config.signing.trusted_keys:
-        return
-    from edgernn.signing import load_public_key, verify_file
+        return None
+    from edgernn.signing import load_public_key, read_verified, verify_file
 
     keys = [load_public_key(path) for path in config.signing.trusted_keys]
-    for path in (pipeline.model, pipeline.onnx_model):
-        if path is not None:
-            verify_file(path, keys)
+    if pipeline.onnx_model is not None:
+        verify_file(pipeline.onnx_model, keys)
+    return read_verified(pipeline.model, keys)[0]

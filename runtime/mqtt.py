@@ -578,7 +578,23 @@ def probe(broker, subscriptions=(), listen: float = 0.0, on_message=None) -> str
     return "; ".join(failures)
 
 
-def _probe_one(broker, subscriptions, listen: float, on_message) -> str | None:
+def exchange(broker, messages, subscriptions=(), on_message=None, until=None, timeout: float = 30.0) -> str | None:
+    """As a throwaway client (as `probe`, on the first of ``broker.servers`` that answers): subscribe, publish
+    ``messages`` [(topic, payload)] at QoS 1, each confirmed by the broker in turn, then hand what arrives to
+    ``on_message(topic, payload, retained)`` until ``until()`` holds. Returns None, or why it failed (not
+    connected, a publish unconfirmed, ``until`` still false after ``timeout`` seconds)."""
+    failures = []
+    for host, port in broker.servers:
+        failure = _probe_one(dataclasses.replace(broker, host=host, port=port, fallback_servers=(),
+                                                 persistent_session=False, startup_error_behavior="error"),
+                             subscriptions, timeout, on_message, messages, until)
+        if failure is None or failure.startswith("no answer"):
+            return failure
+        failures.append(failure)
+    return "; ".join(failures)
+
+
+def _probe_one(broker, subscriptions, listen: float, on_message, messages=(), until=None) -> str | None:
     def handle(client, userdata, message):
         if on_message is not None:
             on_message(message.topic, message.payload, bool(message.retain))
@@ -593,7 +609,20 @@ def _probe_one(broker, subscriptions, listen: float, on_message) -> str | None:
                     f"connection_timeout = {broker.connection_timeout:g} s")
         if connection.first_failure:
             return connection.first_failure[0]
-        time.sleep(listen)
+        if until is None and not messages:
+            time.sleep(listen)
+            return None
+        connection.connected.wait(listen)  # set once the subscriptions are sent: they go ahead of the publishes
+        deadline = time.monotonic() + listen
+        for topic, payload in messages:
+            confirmed = threading.Event()
+            connection.publish(topic, payload, 1, on_done=confirmed.set)
+            if not confirmed.wait(max(0.0, deadline - time.monotonic())):
+                return f"no answer: the broker did not confirm the message to {topic!r} within {listen:g} s"
+        while until is not None and not until():
+            if time.monotonic() > deadline:
+                return f"no answer within {listen:g} s"
+            time.sleep(0.05)
         return None
     finally:
         connection.stop()

@@ -72,11 +72,12 @@ unknown time, so it is taken as warm (far past any ``warmup_steps``, far below i
 class Pipeline:
     """Everything one ``[[pipelines]]`` entry does, minus MQTT (the scheduler publishes and acks)."""
 
-    def __init__(self, config, state_config, metrics):
+    def __init__(self, config, state_config, metrics, loaded=None):
+        """``loaded``: the (model, backend) of ``config`` when the caller loaded it already (checked bytes)."""
         self.config = config
         self.name = config.name
         self.metrics = metrics  # this pipeline's pre-bound metric children
-        self.model, self.backend = load_backend(config)
+        self.model, self.backend = loaded or load_backend(config)
         self.filters = [TopicFilter(pattern) for pattern in config.subscribe]
         self._key_levels = [None if config.key_field else key_level(f, config.key_level) for f in self.filters]
         self.decoder, self.encoder = make_codecs(config, self.model)
@@ -92,26 +93,36 @@ class Pipeline:
         self.timing = make_timing(config, self.model)
         self._timing_counted = dict.fromkeys(self.timing.counters, 0) if self.timing is not None else {}
         self.forgotten: list = []  # tokens `Timing.forget` handed back, for the scheduler to finish
+        # Hooks, None when unused: Home Assistant discovery (runtime/homeassistant.py) hears of streams that
+        # start and of streams evicted or forgotten; a model update on probation or in shadow
+        # (runtime/updates.py) sees every round stepped: observer(keys, seqs, X, Y, published).
+        self.on_streams_added = None
+        self.on_stream_removed = None
+        self.observer = None
+        self.batch_failures = 0  # micro-batches the scheduler dropped on an exception (a model update watches it)
 
-    def reload(self) -> bool:
-        """Load the model file again; keep every stream's state when the state shapes are unchanged.
+    def reload(self, config=None, loaded=None, keep_states: bool = True) -> bool:
+        """Load the model file again (or serve ``config``'s, or the ``loaded`` (model, backend) of it); keep
+        every stream's state when ``keep_states`` and the state shapes are unchanged.
 
         Returns whether the states were kept (otherwise every stream restarts from the new rest state).
         A file that fails to load raises and leaves the current model serving.
         """
-        model, backend = load_backend(self.config)
+        config = config or self.config
+        model, backend = loaded or load_backend(config)
         # a stream's held samples and grid belong to the old period and input size: finished, unstepped
         period_changed = (model.sample_period, model.input_size) != (self.model.sample_period, self.model.input_size)
-        timing = make_timing(self.config, model) if period_changed else self.timing  # raises before any change
+        timing = make_timing(config, model) if period_changed else self.timing  # raises before any change
         if model.input_size != self.model.input_size:
-            self.decoder, _ = make_codecs(self.config, model)
+            self.decoder, _ = make_codecs(config, model)
+        self.config = config
         if period_changed:
             if self.timing is not None:
                 self.forgotten.extend(self.timing.forget_all())  # counted as "forgotten"
                 self.count_timing()
             self.timing = timing
             self._timing_counted = dict.fromkeys(timing.counters, 0) if timing is not None else {}
-        kept = model.spec.state_shapes == self.model.spec.state_shapes
+        kept = keep_states and model.spec.state_shapes == self.model.spec.state_shapes
         self.table.replace_model(model, keep_states=kept)
         if not kept:  # every stream is back at the (new) rest state: its warm-up starts again
             self.table.columns["steps"][:] = 0
@@ -191,8 +202,11 @@ class Pipeline:
 
     def _advance_round(self, rows, keys, seqs, X, now, Y, stepped, counts) -> None:
         table = self.table
-        slots = table.slots_for(keys)
+        added = [key for key in keys if key not in table] if self.on_streams_added is not None else None
+        slots = table.slots_for(keys)  # an eviction it makes is said (on_stream_removed) before the announcement
         columns = table.columns  # after slots_for: it may grow
+        if added:
+            self.on_streams_added(added)
         seq_column, seen_column, steps_column = columns["seq"], columns["seen"], columns["steps"]
         last = seq_column[slots]
         special = seqs < NO_SEQ  # rows from the time stage (module docstring)
@@ -230,6 +244,9 @@ class Pipeline:
         steps_column[go_slots] += 1  # the slots of one round are distinct
         counts[rows[go]] = steps_column[go_slots]
         stepped[rows[go if quiet is None else go & ~quiet]] = True
+        if self.observer is not None:
+            self.observer([keys[i] for i in np.flatnonzero(go)], seqs[go], X[go], Y[rows[go]],
+                          np.ones(int(go.sum()), bool) if quiet is None else ~quiet[go])
 
     def _reset_for_timing(self, slots: np.ndarray) -> None:
         """The time stage's resets (`RESET_SEQ`), as a seq gap reset does them."""
@@ -270,6 +287,8 @@ class Pipeline:
         stale = self.table.stale("seen", now - self.config.idle_reset)
         for key in stale:
             self.table.drop(key)
+            if self.on_stream_removed is not None:
+                self.on_stream_removed(key)
             if self.timing is not None:
                 self.forgotten.extend(self.timing.forget(key))
         if stale:
@@ -280,6 +299,8 @@ class Pipeline:
 
     def _evicted(self, key) -> None:
         self.metrics.evictions.inc()
+        if self.on_stream_removed is not None:
+            self.on_stream_removed(key)
         if self.timing is not None:
             self.forgotten.extend(self.timing.forget(key))
 

@@ -164,6 +164,9 @@ class Scheduler:
         # holds its effects: until then its ack waits here, in order (`release_withheld`).
         self.withhold_acks = False
         self._withheld: list = []
+        # Control topics (Home Assistant's birth message, model updates): topic -> handler(inbound), run on
+        # this thread between the messages received before and after it (`process`).
+        self.control: dict = {}
 
     # ---- completion bookkeeping (any thread) -----------------------------------------------------
     def _complete(self, *completions: _Completion) -> None:
@@ -266,6 +269,39 @@ class Scheduler:
         return len(items)
 
     def process(self, items: list) -> None:
+        """One micro-batch. A message on a control topic splits it: what came before it is processed first,
+        then its handler runs (a model update swaps the model here), then what came after."""
+        control = self.control
+        if control:
+            start = 0
+            for index, inbound in enumerate(items):
+                handler = control.get(inbound.topic)
+                if handler is not None:
+                    if index > start:
+                        self._process(items[start:index])
+                    self._run_control(handler, inbound)
+                    start = index + 1
+            items = items[start:]
+            if not items:
+                return
+        self._process(items)
+
+    def _run_control(self, handler, inbound) -> None:
+        if not inbound.copy:  # a redelivered copy of one handled already is only acked, in its turn
+            try:
+                handler(inbound)
+            except Exception:  # noqa: BLE001 -- a bug in a handler must not stop the worker
+                log.exception("failed to handle the message on %r", inbound.topic,
+                              extra={"event": "control_failed", "topic": inbound.topic})
+        entry = [inbound, False]
+        with self._lock:  # counted from now only: the handler may wait for the outputs in flight (a snapshot)
+            self._in_flight += 1
+        if inbound.qos:
+            with self._ack_lock:
+                self._unacked.append(entry)
+        self._message_done(entry)
+
+    def _process(self, items: list) -> None:
         self.metrics.batches.inc()
         self.metrics.batch_size.observe(len(items))
         with self._lock:
@@ -305,6 +341,7 @@ class Scheduler:
                               pipeline.name, dropped, len(rows),
                               extra={"event": "batch_failed", "pipeline": pipeline.name})
                 pipeline.metrics.rejected(INTERNAL_ERROR).inc(dropped)
+                pipeline.batch_failures += 1
                 for done, (message, *_) in zip(handled, rows):
                     if not done:
                         self._complete(message)

@@ -12,6 +12,7 @@ import pytest
 
 from edgernn.errors import EdgeRNNError
 from edgernn.runtime.config import (BrokerConfig, ClusterConfig, ConfigError, SigningConfig, DaemonConfig, LogConfig, MetricsConfig,
+                                    HomeAssistantConfig, HomeAssistantSensor, PipelineHomeAssistant, UpdatesConfig,
                                     PipelineConfig, StateConfig, load_config, parse_config,
                                     parse_listen_address, redacted)
 
@@ -133,7 +134,9 @@ def test_full_example_states_every_default():
 def test_full_example_shows_every_option():
     text = (EXAMPLES / "full.toml").read_text()
     shown = set(re.findall(r"^#? ?(\w+) = ", text, flags=re.MULTILINE))
-    options = {f.name for cls in (*EXPECTED_DEFAULTS, ClusterConfig, SigningConfig) for f in dataclasses.fields(cls)}
+    options = {f.name for cls in (*EXPECTED_DEFAULTS, ClusterConfig, SigningConfig, HomeAssistantConfig,
+                                  HomeAssistantSensor, PipelineHomeAssistant, UpdatesConfig)
+               for f in dataclasses.fields(cls)}
     assert options | {"username_file", "password_file"} <= shown
 
 

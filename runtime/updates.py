@@ -1,0 +1,530 @@
+"""Signed model updates over MQTT: received, checked, swapped in between two micro-batches, watched, rolled back.
+
+An update for pipeline P arrives on ``<[updates] topic>/P`` (QoS 1), one message per chunk::
+
+    {"id": "v4", "chunk": 0, "chunks": 3, "signature": {...the .sig JSON...}}\\n<the chunk's bytes>
+
+a JSON header line, a newline, then bytes (the signature rides in chunk 0), or a file already on the device::
+
+    {"id": "v4", "path": "/var/lib/edgernn/incoming/model.ern"}
+
+(only under ``allow_paths``; the signature from the header or the ``.sig`` beside the file). ``edgernn update``
+sends either. The checks, in order, each refusal counted (``edgernn_model_updates_total{result="refused_<reason>"}``)
+and said on ``events_topic``: the header and chunks (bad_header, too_large, incomplete), the signature over
+the bytes received (unsigned, bad_signature, tampered, untrusted), the model those same bytes hold (bad_model:
+it does not load or does not fit the pipeline's payloads, sample rate or Home Assistant sensors), its signed
+``model_version`` (unversioned, not_newer: newer than every version this pipeline has run, so an old signed
+model cannot be sent back). A model that passes is written to ``[updates] dir`` and then
+
+- swapped in at once, at the update message's place among the messages (`Scheduler.process`): every message
+  received before it is stepped by the old model, every one after by the new; stream states kept when the
+  state shapes are unchanged (``states = "keep"``), else reset to the new model's rest state;
+- or first run in shadow (``shadow_messages = N``): beside the current model, on the same samples, from the
+  same states, publishing to ``shadow_topic``; promoted (keeping the states it built) once N predictions were
+  finite and within ``max_divergence`` of the current model's, dropped otherwise (shadow_failed).
+
+For ``probation_messages`` predictions after a swap, a non-finite prediction or a failed micro-batch rolls
+the pipeline back to the last good model (kept on disk); streams left with a non-finite state restart from
+the rest state. The manifest in ``dir/P/`` remembers what is installed: a restart serves it again, until the
+model file named in the config changes (the user deployed another by hand: that one wins).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgernn.errors import SignatureError
+from edgernn.spec import version_key
+
+log = logging.getLogger(__name__)
+
+REFUSALS = ("bad_header", "too_large", "incomplete", "unsigned", "bad_signature", "tampered", "untrusted",
+            "bad_model", "unversioned", "not_newer", "path_not_allowed", "busy")
+RESULTS = ("installed", "shadow_started", "promoted", "shadow_failed", "rolled_back") + tuple(
+    f"refused_{reason}" for reason in REFUSALS)
+MAX_HEADER_BYTES = 16384
+MAX_CHUNKS = 65536
+
+
+class Refused(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class _Transfer:
+    chunks: int
+    signature: dict | None = None
+    parts: dict = field(default_factory=dict)
+    size: int = 0
+    last: float = 0.0
+
+
+def parse_message(payload: bytes) -> tuple[dict, bytes]:
+    """(header, body) of one update message; `Refused` ("bad_header") when it is not one."""
+    head, newline, body = payload[:MAX_HEADER_BYTES + 1].partition(b"\n")
+    if not newline:
+        raise Refused("bad_header", "no header line (a JSON object, a newline, then the bytes)")
+    try:
+        header = json.loads(head)
+    except ValueError as error:
+        raise Refused("bad_header", f"the header is not JSON ({error})") from None
+    if not isinstance(header, dict) or not isinstance(header.get("id"), str) or not 0 < len(header["id"]) <= 128:
+        raise Refused("bad_header", 'the header needs an "id": a string of 1 to 128 characters')
+    if "path" in header:
+        if not isinstance(header["path"], str):
+            raise Refused("bad_header", '"path" must be a string')
+        return header, b""
+    chunk, chunks = header.get("chunk", 0), header.get("chunks", 1)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (chunk, chunks)) or not (
+            0 <= chunk < chunks <= MAX_CHUNKS):
+        raise Refused("bad_header", f'"chunk" and "chunks" must be integers with 0 <= chunk < chunks <= {MAX_CHUNKS}')
+    return header, payload[len(head) + 1:]
+
+
+def encode_messages(data: bytes, signature: dict, update_id: str, chunk_size: int = 256 << 10) -> list[bytes]:
+    """The messages that carry ``data`` (what `edgernn update` publishes)."""
+    pieces = [data[i:i + chunk_size] for i in range(0, len(data), chunk_size)] or [b""]
+    messages = []
+    for index, piece in enumerate(pieces):
+        header = {"id": update_id, "chunk": index, "chunks": len(pieces)}
+        if index == 0:
+            header["signature"] = signature
+        messages.append(json.dumps(header, separators=(",", ":")).encode() + b"\n" + piece)
+    return messages
+
+
+def sha256_of(path) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+class ModelStore:
+    """``dir/<pipeline>/``: installed model files (named by content), their signatures, and ``manifest.json``:
+    ``{"source_sha256", "current", "last_good", "highest_version"}`` (entries: file, sha256, version)."""
+
+    def __init__(self, directory: Path, pipeline: str):
+        self.directory = Path(directory) / pipeline
+
+    def manifest(self) -> dict | None:
+        try:
+            manifest = json.loads((self.directory / "manifest.json").read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:
+            log.error("%s: unreadable (%s): serving the model the config names", self.directory / "manifest.json",
+                      error, extra={"event": "update_manifest_unreadable"})
+            return None
+        return manifest if isinstance(manifest, dict) else None
+
+    def write_manifest(self, manifest: dict) -> None:
+        _atomic_write(self.directory / "manifest.json", json.dumps(manifest, indent=2).encode())
+        keep = {entry["file"] for entry in (manifest.get("current"), manifest.get("last_good")) if entry and entry["file"]}
+        for path in self.directory.glob("*.ern"):  # older installs: only the current and the last good are kept
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
+                path.with_name(path.name + ".sig").unlink(missing_ok=True)
+
+    def add(self, data: bytes, signature: dict) -> Path:
+        path = self.directory / f"{hashlib.sha256(data).hexdigest()[:24]}.ern"
+        _atomic_write(path.with_name(path.name + ".sig"), json.dumps(signature).encode())
+        _atomic_write(path, data)
+        return path
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def serving_config(updates_config, pipeline_config):
+    """The pipeline config to start with: the installed update's file while the config's own model file is the
+    one it replaced, else the config as written."""
+    manifest = ModelStore(updates_config.dir, pipeline_config.name).manifest()
+    if not manifest or not manifest.get("current") or not manifest["current"].get("file"):
+        return pipeline_config
+    if manifest.get("source_sha256") != sha256_of(pipeline_config.model):
+        log.info("pipeline %s: the config's model file changed since the update %s was installed: serving it",
+                 pipeline_config.name, manifest["current"].get("version"), extra={"event": "update_superseded"})
+        return pipeline_config
+    path = ModelStore(updates_config.dir, pipeline_config.name).directory / manifest["current"]["file"]
+    return dataclasses.replace(pipeline_config, model=path)
+
+
+def _entry(path, data: bytes, model, own_file: bool) -> dict:
+    """A manifest entry: ``file`` is None for the model file the config names (it is not ours to keep)."""
+    return {"file": Path(path).name if own_file else None, "sha256": hashlib.sha256(data).hexdigest(),
+            "version": model.spec.model_version}
+
+
+class Updates:
+    """Receives updates for every pipeline and watches the models it swapped in. Runs on the worker thread.
+
+    ``swap(pipeline, config, loaded, keep_states)`` is the daemon's: snapshot, serve ``loaded`` (model, backend),
+    snapshot; it returns whether states were kept, or None when it could not snapshot (tried again later).
+    ``check_model(config, model)`` raises when a model does not fit the pipeline. ``publish(topic, payload,
+    qos, retain)`` and ``count(pipeline, result)`` say what happened."""
+
+    def __init__(self, config, pipelines, swap, check_model, publish, count):
+        from edgernn.signing import load_public_key
+
+        self.config = config.updates
+        self.keys = [load_public_key(path) for path in config.signing.trusted_keys]
+        self.sources = {p.name: p for p in config.pipelines}  # as the config file writes them
+        self.pipelines = {p.name: p for p in pipelines}
+        self._swap, self._check_model, self._publish, self._count = swap, check_model, publish, count
+        self._transfers: dict = {}  # (pipeline, id) -> _Transfer
+        self._watches: dict = {}  # pipeline -> _Probation or _Shadow
+        self._actions: list = []  # (pipeline, what, detail): swaps decided inside a micro-batch, done after it
+
+    def handlers(self) -> dict:
+        """{topic: handler(inbound)} for `Scheduler.control`."""
+        return {f"{self.config.topic}/{name}": (lambda inbound, p=pipeline: self.on_message(p, inbound))
+                for name, pipeline in self.pipelines.items()}
+
+    # ---- receiving -----------------------------------------------------------------------------------
+    def on_message(self, pipeline, inbound) -> None:
+        update_id = "?"
+        try:
+            header, body = parse_message(inbound.payload)
+            update_id = header["id"]
+            if "path" in header:
+                data, signature = self._read_path(header)
+            else:
+                received = self._add_chunk(pipeline.name, header, body)
+                if received is None:
+                    return
+                data, signature = received
+            self._candidate(pipeline, update_id, data, signature)
+        except Refused as refusal:
+            self._refused(pipeline.name, update_id, refusal)
+
+    def _add_chunk(self, name: str, header: dict, body: bytes):
+        key = (name, header["id"])
+        transfer = self._transfers.get(key)
+        if transfer is None:
+            if len(self._transfers) >= 4:
+                raise Refused("busy", "4 updates are being received already")
+            transfer = self._transfers[key] = _Transfer(chunks=header["chunks"])
+        if header["chunks"] != transfer.chunks:
+            del self._transfers[key]
+            raise Refused("bad_header", f"chunk {header['chunk']} says {header['chunks']} chunks, chunk 0 said "
+                                        f"{transfer.chunks}")
+        if header["chunk"] == 0:
+            transfer.signature = header.get("signature")
+        transfer.size += len(body) - len(transfer.parts.get(header["chunk"], b""))
+        transfer.parts[header["chunk"]] = body
+        transfer.last = time.monotonic()
+        if transfer.size > self.config.max_bytes:
+            del self._transfers[key]
+            raise Refused("too_large", f"more than max_bytes ({self.config.max_bytes:,} bytes)")
+        if len(transfer.parts) < transfer.chunks:
+            return None
+        del self._transfers[key]
+        if transfer.signature is None:
+            raise Refused("unsigned", "no signature in chunk 0's header")
+        return b"".join(transfer.parts[i] for i in range(transfer.chunks)), transfer.signature
+
+    def _read_path(self, header: dict):
+        path = Path(header["path"])
+        real = path.resolve()
+        allowed = [Path(p).resolve() for p in self.config.allow_paths]
+        if not path.is_absolute() or not any(real.is_relative_to(directory) for directory in allowed):
+            raise Refused("path_not_allowed", f"{path} is not under allow_paths "
+                                              f"({', '.join(map(str, allowed)) or 'none set'})")
+        try:
+            data = real.read_bytes()
+            signature = header.get("signature") or real.with_name(real.name + ".sig").read_text()
+        except FileNotFoundError as error:
+            raise Refused("unsigned" if error.filename.endswith(".sig") else "bad_model",
+                          f"{error.filename}: no such file") from None
+        except OSError as error:
+            raise Refused("bad_model", f"{path}: cannot read it ({error.strerror or error})") from None
+        if len(data) > self.config.max_bytes:
+            raise Refused("too_large", f"{path}: more than max_bytes ({self.config.max_bytes:,} bytes)")
+        return data, signature
+
+    def _candidate(self, pipeline, update_id: str, data: bytes, signature) -> None:
+        from edgernn.signing import verify_bytes
+
+        from .backends import load_backend
+
+        if isinstance(self._watches.get(pipeline.name), _Shadow):
+            raise Refused("busy", "a candidate model is in shadow already")
+        try:
+            key_id = verify_bytes(data, signature, self.keys, f"update {update_id!r}", "its signature")
+        except SignatureError as error:
+            raise Refused(error.reason, str(error)) from None
+        store = ModelStore(self.config.dir, pipeline.name)
+        config = dataclasses.replace(pipeline.config, model=store.directory / f"{hashlib.sha256(data).hexdigest()[:24]}.ern")
+        try:
+            loaded = load_backend(config, data)
+            self._check_model(config, loaded[0])
+        except Exception as error:  # noqa: BLE001 -- whatever a model file gets wrong is a refusal, said
+            raise Refused("bad_model", " ".join(str(error).split())) from None
+        version = loaded[0].spec.model_version
+        if not version:
+            raise Refused("unversioned", "the model has no model_version (edgernn convert --model-version)")
+        floor = self._highest_version(pipeline, store)
+        if floor and version_key(version) <= version_key(floor):
+            raise Refused("not_newer", f"version {version} is not newer than {floor}")
+        store.add(data, signature if isinstance(signature, dict) else json.loads(signature))
+        update = _Update(update_id, config, loaded, _entry(config.model, data, loaded[0], True), key_id)
+        if self.config.shadow_messages:
+            self._start_shadow(pipeline, update)
+        else:
+            self._install(pipeline, update, self.config.states == "keep")
+
+    def _highest_version(self, pipeline, store) -> str:
+        versions = [pipeline.model.spec.model_version, (store.manifest() or {}).get("highest_version", "")]
+        versions = [v for v in versions if v and version_key(v) is not None]
+        return max(versions, key=version_key, default="")
+
+    # ---- swapping ------------------------------------------------------------------------------------
+    def _install(self, pipeline, update, keep_states: bool, adopt=None) -> None:
+        store = ModelStore(self.config.dir, pipeline.name)
+        manifest = store.manifest() or {}
+        previous = manifest.get("current") if pipeline.config.model.parent == store.directory else None
+        if previous is None:
+            previous = {"file": None, "sha256": sha256_of(self.sources[pipeline.name].model),
+                        "version": pipeline.model.spec.model_version}
+        kept = self._swap(pipeline, update.config, update.loaded, keep_states)
+        if kept is None:  # the snapshot before it could not be taken: after the next micro-batch
+            self._actions.append((pipeline.name, "install", (update, keep_states, adopt)))
+            return
+        if adopt is not None:
+            adopt(pipeline)
+        store.write_manifest({
+            "source_sha256": sha256_of(self.sources[pipeline.name].model), "current": update.entry,
+            "last_good": previous, "highest_version": max(
+                [v for v in (update.entry["version"], manifest.get("highest_version", "")) if v], key=version_key)})
+        result = "promoted" if adopt is not None else "installed"
+        self._event(pipeline.name, update.id, result, version=update.entry["version"], sha256=update.entry["sha256"],
+                    key_id=update.key_id, states="kept" if kept or adopt is not None else "reset")
+        if self.config.probation_messages:
+            self._watch(pipeline, _Probation(self.config.probation_messages, pipeline.batch_failures))
+
+    def _rollback(self, pipeline, reason: str) -> None:
+        from edgernn.signing import read_verified
+
+        from .backends import load_backend
+
+        store = ModelStore(self.config.dir, pipeline.name)
+        manifest = store.manifest() or {}
+        good = manifest.get("last_good") or {"file": None}
+        source = self.sources[pipeline.name]
+        config = source if not good["file"] else dataclasses.replace(source, model=store.directory / good["file"])
+        try:
+            data = read_verified(config.model, self.keys)[0] if self.keys else None
+            loaded = load_backend(config, data)
+        except Exception as error:  # noqa: BLE001 -- nothing to roll back to: the new model keeps serving
+            log.error("pipeline %s: cannot roll back to %s: %s", pipeline.name, config.model, error,
+                      extra={"event": "rollback_failed", "pipeline": pipeline.name})
+            return
+        kept = self._swap(pipeline, config, loaded, True)
+        if kept is None:
+            self._actions.append((pipeline.name, "rollback", reason))
+            return
+        table = pipeline.table
+        keys = table.keys()
+        broken = ~np.isfinite(table.states[table.peek_slots(keys)]).all(axis=1) if keys else []
+        for key, bad in zip(keys, broken):
+            if bad:
+                table.reset(key)
+        manifest.update(current=good if good["file"] else None, last_good=None)
+        store.write_manifest(manifest)
+        self._event(pipeline.name, "", "rolled_back", reason=reason, version=loaded[0].spec.model_version,
+                    streams_reset=int(np.count_nonzero(broken)))
+        log.error("pipeline %s: rolled back to %s: %s", pipeline.name, config.model, reason,
+                  extra={"event": "rolled_back", "pipeline": pipeline.name})
+
+    def _start_shadow(self, pipeline, update) -> None:
+        def publish(key, y, seq):
+            topic = self.config.shadow_topic.replace("{pipeline}", pipeline.name).replace("{key}", key)
+            self._publish(topic, pipeline.encoder.encode(key, y, seq, None), 0, False)
+
+        self._watch(pipeline, _Shadow(pipeline, update, self.config.shadow_messages, self.config.max_divergence,
+                                      publish))
+        self._event(pipeline.name, update.id, "shadow_started", version=update.entry["version"],
+                    messages=self.config.shadow_messages)
+
+    def _watch(self, pipeline, watch) -> None:
+        self._watches[pipeline.name] = watch
+        pipeline.observer = watch.observe
+
+    def _unwatch(self, pipeline) -> None:
+        self._watches.pop(pipeline.name, None)
+        pipeline.observer = None
+
+    # ---- between micro-batches ------------------------------------------------------------------------
+    def tick(self) -> None:
+        """Expire stalled transfers; act on what the watches decided during the last micro-batch."""
+        now = time.monotonic()
+        for key, transfer in list(self._transfers.items()):
+            if now - transfer.last > self.config.chunk_timeout:
+                del self._transfers[key]
+                self._refused(key[0], key[1], Refused("incomplete", f"{len(transfer.parts)} of {transfer.chunks} "
+                                                                    f"chunks in {self.config.chunk_timeout:g} s"))
+        for name, watch in list(self._watches.items()):
+            pipeline = self.pipelines[name]
+            if isinstance(watch, _Probation) and pipeline.batch_failures > watch.failures:
+                watch.verdict = ("fail", "a micro-batch failed on the new model")
+            if watch.verdict is None:
+                continue
+            self._unwatch(pipeline)
+            outcome, detail = watch.verdict
+            if isinstance(watch, _Probation):
+                if outcome == "fail":
+                    self._rollback(pipeline, detail)
+            elif outcome == "pass":
+                self._install(pipeline, watch.update, self.config.states == "keep", adopt=watch.adopt)
+            else:
+                self._event(name, watch.update.id, "shadow_failed", reason=detail, version=watch.update.entry["version"])
+        actions, self._actions = self._actions, []
+        for name, what, detail in actions:
+            if what == "install":
+                self._install(self.pipelines[name], *detail)
+            else:
+                self._rollback(self.pipelines[name], detail)
+
+    # ---- saying what happened ----------------------------------------------------------------------------
+    def _refused(self, pipeline: str, update_id: str, refusal: Refused) -> None:
+        log.warning("pipeline %s: update %r refused (%s): %s", pipeline, update_id, refusal.reason, refusal,
+                    extra={"event": "update_refused", "pipeline": pipeline, "reason": refusal.reason})
+        self._event(pipeline, update_id, f"refused_{refusal.reason}", reason=refusal.reason, message=str(refusal))
+
+    def _event(self, pipeline: str, update_id: str, result: str, **details) -> None:
+        self._count(pipeline, result)
+        event = {"pipeline": pipeline, "id": update_id, "event": result.split("_")[0] if result.startswith("refused")
+                 else result, "time": round(time.time(), 3), **details}
+        if result in ("installed", "promoted"):
+            log.info("pipeline %s: model %s %s (states %s)", pipeline, details.get("version"), result,
+                     details.get("states"), extra={"event": "update_" + result, "pipeline": pipeline})
+        self._publish(self.config.events_topic, json.dumps(event).encode(), 1, False)
+
+
+@dataclass
+class _Update:
+    id: str
+    config: object
+    loaded: tuple
+    entry: dict
+    key_id: str
+
+
+class _Probation:
+    """Watches the predictions of a model just swapped in: the first non-finite one fails it."""
+
+    def __init__(self, messages: int, failures: int):
+        self.remaining = messages
+        self.failures = failures  # the pipeline's failed micro-batches before the swap
+        self.verdict = None
+
+    def observe(self, keys, seqs, X, Y, published) -> None:
+        if self.verdict is not None:
+            return
+        if not np.isfinite(Y[published]).all():
+            self.verdict = ("fail", "a non-finite prediction")
+            return
+        self.remaining -= int(np.count_nonzero(published))
+        if self.remaining <= 0:
+            self.verdict = ("pass", "")
+
+
+class _Shadow:
+    """Runs a candidate beside the current model on the same samples, from the same states."""
+
+    def __init__(self, pipeline, update, messages: int, max_divergence: float, publish):
+        from edgernn.streams import StreamTable
+
+        model, self.backend = update.loaded
+        self.update, self.remaining, self.max_divergence, self.publish = update, messages, max_divergence, publish
+        self.divergence = 0.0
+        self.verdict = None
+        self.table = StreamTable(model, max_streams=pipeline.config.max_streams)
+        keys = pipeline.table.keys()
+        if keys and model.spec.state_shapes == pipeline.model.spec.state_shapes:
+            self.table.states[self.table.slots_for(keys)] = pipeline.table.states[pipeline.table.peek_slots(keys)]
+
+    def observe(self, keys, seqs, X, Y, published) -> None:
+        if self.verdict is not None:
+            return
+        slots = self.table.slots_for(keys)
+        candidate = self.backend.step_batch(self.table.states, slots, np.ascontiguousarray(X))
+        rows = np.flatnonzero(published)
+        if not np.isfinite(candidate[rows]).all():
+            self.verdict = ("fail", "a non-finite prediction")
+            return
+        difference = np.abs(candidate[rows] - Y[rows])
+        difference[~np.isfinite(difference)] = 0.0  # the current model's own non-finite outputs say nothing
+        if len(rows):
+            self.divergence = max(self.divergence, float(difference.max()))
+        for row in rows.tolist():
+            self.publish(keys[row], candidate[row], None if seqs[row] < 0 else int(seqs[row]))
+        self.remaining -= len(rows)
+        if self.divergence > self.max_divergence:
+            self.verdict = ("fail", f"diverged by {self.divergence:.3g} (max_divergence {self.max_divergence:g})")
+        elif self.remaining <= 0:
+            self.verdict = ("pass", "")
+
+    def adopt(self, pipeline) -> None:
+        """After promotion: every stream the shadow ran continues from the state the candidate built."""
+        keys = [key for key in self.table.keys() if key in pipeline.table]
+        if keys:
+            pipeline.table.states[pipeline.table.peek_slots(keys)] = self.table.states[self.table.peek_slots(keys)]
+
+
+def send_update(config, pipeline: str, model_path, *, update_id: str | None = None, local: bool = False,
+                chunk_size: int = 256 << 10, wait: float = 60.0) -> tuple[dict | None, str | None]:
+    """Publish ``model_path`` (signed: ``<model_path>.sig``) as an update of ``pipeline`` to the daemon of
+    ``config``, or with ``local`` only its path (the file is on the daemon's machine, under ``allow_paths``),
+    then wait for what became of it on the events topic. Returns (the event, None) or (None, why not)."""
+    from edgernn.signing import signature_path
+
+    from .mqtt import exchange
+
+    if config.updates is None:
+        return None, f"{config.source}: no [updates] table: this daemon takes no model updates"
+    if pipeline not in {p.name for p in config.pipelines}:
+        return None, f"no pipeline {pipeline!r} in {config.source}"
+    path = Path(model_path).resolve()
+    signature = json.loads(signature_path(path).read_text())
+    update_id = update_id or f"{path.name}-{signature['sha256'][:12]}-{int(time.time())}"
+    if local:
+        messages = [json.dumps({"id": update_id, "path": str(path), "signature": signature}).encode() + b"\n"]
+    else:
+        messages = encode_messages(path.read_bytes(), signature, update_id, chunk_size)
+    topic = f"{config.updates.topic}/{pipeline}"
+    events = []
+
+    def heard(_topic, payload, _retained):
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            return
+        if event.get("id") == update_id and event.get("pipeline") == pipeline:
+            events.append(event)
+
+    broker = dataclasses.replace(config.broker, client_id=config.broker.client_id[:100] + "-update")
+    failure = exchange(broker, [(topic, m) for m in messages], [config.updates.events_topic], heard,
+                       until=lambda: bool(events), timeout=wait)
+    if events:
+        return events[0], None
+    return None, failure or "no event came back"
