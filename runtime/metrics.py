@@ -132,6 +132,12 @@ class Metrics:
         self.queue_depth = gauge("queue_depth", "Messages waiting in the work queue")
         self.streams_live = gauge("streams_live", "Streams with a state in memory", ["pipeline"])
         self.connected = gauge("connected", "1 while connected to the broker, else 0")
+        self.model_info = gauge("model_info", "1 for the model each pipeline serves: its name, model_version and "
+                                "fingerprint (the first 12 hex digits)", ["pipeline", "name", "version", "fingerprint"])
+        self.model_updates = counter("model_updates", "Model updates over MQTT by what became of them: installed, "
+                                     "shadow_started, promoted, shadow_failed, rolled_back, refused_<reason>",
+                                     ["pipeline", "result"])
+        self._models: dict = {}  # pipeline -> the model_info labels it shows
         self.step_seconds = Histogram(f"{PREFIX}_step_seconds", "Duration of one step_batch call", ["pipeline"],
                                       buckets=STEP_BUCKETS, registry=r)
         self.batch_size = Histogram(f"{PREFIX}_batch_size", "Messages per micro-batch", buckets=BATCH_BUCKETS, registry=r)
@@ -141,6 +147,17 @@ class Metrics:
             ProcessCollector(registry=r)  # process_* (memory, CPU, fds): what a Pi operator watches first
 
         self._pipelines = {name: PipelineMetrics(self, name) for name in pipelines}
+
+    def set_model(self, pipeline: str, model) -> None:
+        """Show ``model`` as what ``pipeline`` serves (`edgernn_model_info`, the stats' ``model``)."""
+        from edgernn.format import model_fingerprint
+
+        labels = (pipeline, model.spec.name, model.spec.model_version, model_fingerprint(model)[7:19])
+        previous = self._models.get(pipeline)
+        if previous is not None and previous != labels:
+            self.model_info.remove(*previous)
+        self._models[pipeline] = labels
+        self.model_info.labels(*labels).set(1)
 
     def pipeline(self, name: str) -> PipelineMetrics:
         """The pre-bound metrics of pipeline ``name`` (created on first use if it was not listed)."""
@@ -190,6 +207,12 @@ class Metrics:
         streams = _by_label(self.streams_live, "pipeline")
         rejected = _by_label(self.rejected, "pipeline")
         step_buckets = _buckets_by_label(self.step_seconds, "pipeline")
+        rejected_by: dict = {}  # {pipeline: {reason: count}}, the reasons counted so far only
+        for family in self.rejected.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.value:
+                    reasons = rejected_by.setdefault(sample.labels["pipeline"], {})
+                    reasons[sample.labels["reason"]] = int(sample.value)
         pipelines = {}
         for name in self._pipelines:
             buckets = step_buckets.get(name, [])
@@ -197,6 +220,7 @@ class Metrics:
                 "in": int(inputs.get(name, 0)),
                 "out": int(outputs.get(name, 0)),
                 "rejected": int(rejected.get(name, 0)),
+                "rejected_by": rejected_by.get(name, {}),
                 "duplicates": int(duplicates.get(name, 0)),
                 "gaps": int(gaps.get(name, 0)),
                 "missed": int(missed.get(name, 0)),
@@ -204,6 +228,8 @@ class Metrics:
                 "step_p50_s": _rounded(quantile_from_buckets(buckets, 0.5)),
                 "step_p99_s": _rounded(quantile_from_buckets(buckets, 0.99)),
             }
+            if name in self._models:
+                pipelines[name]["model"] = dict(zip(("name", "version", "fingerprint"), self._models[name][1:]))
         latency = _buckets_by_label(self.latency_seconds, None).get(None, [])
         return {
             "uptime_s": round(time.monotonic() - self._started, 1),

@@ -173,7 +173,8 @@ def test_stats_summarises_counts_and_is_json(metrics):
     metrics.latency_seconds.observe(0.002)
     stats = json.loads(json.dumps(metrics.stats()))
     assert stats["pipelines"]["imu"] == {"in": 10, "out": 7, "rejected": 3, "duplicates": 1, "gaps": 4, "missed": 9,
-                                         "streams": 3, "step_p50_s": None, "step_p99_s": None}
+                                         "streams": 3, "step_p50_s": None, "step_p99_s": None,
+                                         "rejected_by": {"not_json": 2, "non_finite": 1}}
     assert stats["pipelines"]["temp"]["in"] == 0
     assert stats["queue_depth"] == 5 and stats["queue_dropped"] == 1 and stats["connected"] is True
     assert 1e-3 <= stats["latency_p50_s"] <= 4e-3
