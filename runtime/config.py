@@ -559,8 +559,8 @@ def _parse_homeassistant(top: _Table, pipelines) -> HomeAssistantConfig:
 
 
 def _parse_pipeline_homeassistant(t: _Table, output_format: str) -> PipelineHomeAssistant:
-    enabled = t.boolean("enabled", True)
-    if t.data and enabled and output_format != "json":
+    enabled = t.boolean("enabled", output_format == "json")  # raw predictions are not for Home Assistant
+    if enabled and output_format != "json":
         raise t.invalid("enabled", "Home Assistant reads JSON predictions: output_format must be \"json\"")
     labels = t.strings("labels") if "labels" in t.data else ()
     if len(set(labels)) != len(labels):
@@ -575,6 +575,9 @@ def _parse_pipeline_homeassistant(t: _Table, output_format: str) -> PipelineHome
                                            unit=s.string("unit", None), device_class=s.string("device_class", None),
                                            state_class=s.string("state_class", "measurement",
                                                                 choices=("measurement", "total", "total_increasing"))))
+    outputs = [sensor.output for sensor in sensors]
+    if len(set(outputs)) != len(outputs):
+        raise t.invalid("sensors", f"two sensors read the same output: {outputs}")
     if labels and sensors:
         raise t.invalid("sensors", "a classifier (labels) shows its top class and confidence: give labels or "
                                    "sensors, not both")
@@ -586,6 +589,10 @@ def _parse_updates(top: _Table, broker: BrokerConfig, state: StateConfig, signin
     t = top.table("updates", _known(UpdatesConfig))
     if not signing.trusted_keys:
         raise t.invalid("topic", "model updates must be signed: list the keys to trust in [signing] trusted_keys")
+    for pipeline in pipelines:
+        if pipeline.backend == "onnxruntime":
+            raise t.invalid("topic", f"pipeline {_quote(pipeline.name)} runs an ONNX step model (backend = "
+                                     '"onnxruntime"): updates replace .ern files only, for now')
     values = {"client_id": broker.client_id}
     topic = _topic_template(t, "topic", ("client_id",), "edgernn/{client_id}/update", values)
     events = _topic_template(t, "events_topic", ("client_id",), "edgernn/{client_id}/update/events", values)

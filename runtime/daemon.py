@@ -79,8 +79,11 @@ class Daemon:
             self.scheduler.control[config.homeassistant.birth_topic] = lambda inbound: self.discovery.handle_birth(
                 inbound.payload)
         if config.updates is not None:
-            from .updates import Updates
+            from .updates import RESULTS, Updates
 
+            for pipeline in self.pipelines:  # zeros rather than missing series (runtime/metrics.py)
+                for result in RESULTS:
+                    self.metrics.model_updates.labels(pipeline.name, result)
             self.updates = Updates(config, self.pipelines, self.swap_model, self._check_model, self.link.publish,
                                    lambda pipeline, result: self.metrics.model_updates.labels(pipeline, result).inc())
             self.scheduler.control.update(self.updates.handlers())
@@ -292,7 +295,7 @@ class Daemon:
         self.notifier.reloading()
         for pipeline, source in zip(self.pipelines, self.config.pipelines):
             try:
-                config = self._serving_config(source)
+                config = self._serving_configs(source)[0]
                 loaded = load_backend(config, check_signatures(self.config, config))
                 self._check_model(config, loaded[0])
                 kept = pipeline.reload(config, loaded)
@@ -311,9 +314,10 @@ class Daemon:
             self.discovery.pending = True  # the model's name or version shown may have changed
         return True
 
-    def swap_model(self, pipeline, config, loaded, keep_states: bool = True) -> bool | None:
+    def swap_model(self, pipeline, config, loaded, keep_states: bool = True, after=None) -> bool | None:
         """Serve ``loaded`` (model, backend) of ``config`` for ``pipeline`` from the next message on, between two
-        snapshots (a model update: runtime/updates.py). Returns whether the states were kept, or None when the
+        snapshots (a model update: runtime/updates.py); ``after(kept)`` runs between the swap and the second
+        snapshot (what it changes is in that snapshot). Returns whether the states were kept, or None when the
         snapshot before it could not be taken (outputs unconfirmed): nothing changed, try again later."""
         if not self._snapshot(timeout=1.0):
             return None
@@ -322,33 +326,36 @@ class Daemon:
         if not kept:
             pipeline.metrics.resets("reload").inc(len(pipeline.table))
         self.metrics.set_model(pipeline.name, pipeline.model)
+        if after is not None:
+            after(kept)
         self._snapshot()
         self.notifier.ready()
         if self.discovery is not None:
             self.discovery.pending = True
         return kept
 
-    def _serving_config(self, source):
-        """The pipeline config to serve: with ``[updates]``, an installed update's file replaces the config's."""
+    def _serving_configs(self, source) -> list:
+        """The pipeline configs to serve, best first: with ``[updates]``, the installed update and the last good
+        model before it (runtime/updates.py), then the config's own."""
         if self.config.updates is None:
-            return source
-        from .updates import serving_config
+            return [source]
+        from .updates import serving_configs
 
-        return serving_config(self.config.updates, source)
+        return serving_configs(self.config.updates, source)
 
     def _load_serving(self, source):
-        """(config, (model, backend)) to start ``source``'s pipeline with: an installed update when there is one
-        and it loads (else, said, the model file the config names), with its signature checked."""
-        config = self._serving_config(source)
-        if config is not source:
+        """(config, (model, backend)) to start ``source``'s pipeline with: the first of `_serving_configs` that
+        loads (a broken install is said, and the next one serves), its signature checked before it is loaded."""
+        *installed, source = self._serving_configs(source)
+        for config in installed:
             try:
                 loaded = load_backend(config, check_signatures(self.config, config))
                 self._check_model(config, loaded[0])
                 return config, loaded
-            except Exception as error:  # noqa: BLE001 -- a broken install: the config's own model serves
-                log.error("pipeline %s: the installed update %s does not load (%s): serving %s", source.name,
-                          config.model, error, source.model, extra={"event": "update_unloadable"})
-        return source, load_backend(source, check_signatures(self.config, source))  # checked before any is loaded
+            except Exception as error:  # noqa: BLE001 -- the next one serves: a start must not fail on an install
+                log.error("pipeline %s: the installed model %s does not load (%s): trying the one before it",
+                          source.name, config.model, error, extra={"event": "update_unloadable"})
+        return source, load_backend(source, check_signatures(self.config, source))
 
     def _check_model(self, config, model) -> None:
         """Raise when ``model`` cannot serve ``config``'s payloads, time options or Home Assistant sensors."""

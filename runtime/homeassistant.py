@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import deque
 import logging
 import re
 
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 
 MAX_NUMERIC_SENSORS = 32
 """Default numeric sensors stop here: a 200-output forecaster gets its first 32 unless ``sensors`` says more."""
+ANNOUNCE_PER_PASS = 200
+"""Streams re-announced per pass of the worker: a birth message (anyone may publish one) re-announces every
+live stream, spread over passes so that predictions keep flowing and paho's in-flight window is not filled."""
 
 _NOT_ID = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -45,20 +49,21 @@ def object_id(text: str, length: int = 40) -> str:
 
 
 def top_class_template(y_field: str, labels) -> str:
-    """Jinja that names the class of the largest output."""
-    return (f"{{% set y = value_json[{json.dumps(y_field)}] %}}"
-            f"{{{{ {json.dumps(list(labels))}[y.index(y | max)] }}}}")
+    """Jinja that names the class of the largest output ("None", which Home Assistant shows as unknown, when
+    an output is not a number: the daemon writes a non-finite one as null)."""
+    return (f"{{% set y = value_json[{json.dumps(y_field)}] %}}{{% if None in y %}}None{{% else %}}"
+            f"{{{{ {json.dumps(list(labels))}[y.index(y | max)] }}}}{{% endif %}}")
 
 
 def confidence_template(y_field: str, probabilities: bool) -> str:
     """Jinja for the top class's probability in %: the softmax of the outputs (Jinja has ``**`` but no exp),
     or the largest output when the model already outputs probabilities."""
-    head = f"{{% set y = value_json[{json.dumps(y_field)}] %}}"
+    head = f"{{% set y = value_json[{json.dumps(y_field)}] %}}{{% if None in y %}}None{{% else %}}"
     if probabilities:
-        return head + "{{ ((y | max) * 100) | round(1) }}"
+        return head + "{{ ((y | max) * 100) | round(1) }}{% endif %}"
     return (head + "{% set m = y | max %}{% set ns = namespace(s=0) %}"
             "{% for v in y %}{% set ns.s = ns.s + 2.718281828459045 ** (v - m) %}{% endfor %}"
-            "{{ (100 / ns.s) | round(1) }}")
+            "{{ (100 / ns.s) | round(1) }}{% endif %}")
 
 
 def check_pipeline(source, config, model) -> None:
@@ -90,6 +95,9 @@ class Discovery:
         self._publish = publish
         self.pending = True  # announce every live stream at the next chance (start-up, a birth message)
         self.announced = 0  # configs published (a counter for tests and logs)
+        self._queue: deque = deque()  # (pipeline, key) still to re-announce
+        self._removals: deque = deque()  # (pipeline, key, suffix) of entities a model change took away
+        self._suffixes: dict = {}  # pipeline -> the entity suffixes last announced
         for pipeline in self.pipelines:
             pipeline.on_streams_added = lambda keys, p=pipeline: self.announce(p, keys)
             pipeline.on_stream_removed = lambda key, p=pipeline: self.remove(p, key)
@@ -100,12 +108,26 @@ class Discovery:
             self.pending = True
 
     def announce_pending(self) -> None:
+        """Re-announce every live stream (after start-up, a birth message, a model change), a pass at a time;
+        entities a model change took away (a classifier's, or outputs beyond the new model's) are removed."""
         if self.pending:
             self.pending = False
+            self._queue = deque((pipeline, key) for pipeline in self.pipelines for key in pipeline.table.keys())
             for pipeline in self.pipelines:
-                self.announce(pipeline, pipeline.table.keys())
+                gone = set(self._suffixes.get(pipeline.name, ())) - {s for s, _ in self.entities(pipeline)}
+                self._suffixes[pipeline.name] = [s for s, _ in self.entities(pipeline)]
+                if gone:
+                    self._removals.extend((pipeline, key, suffix) for key in pipeline.table.keys() for suffix in gone)
+        for _ in range(min(ANNOUNCE_PER_PASS, len(self._removals))):
+            pipeline, key, suffix = self._removals.popleft()
+            self._publish(self._topic(pipeline, key, suffix), b"", 1, True)
+        for _ in range(min(ANNOUNCE_PER_PASS, len(self._queue))):
+            pipeline, key = self._queue.popleft()
+            if key in pipeline.table:  # not evicted or forgotten since the pass began
+                self.announce(pipeline, [key])
 
     def announce(self, pipeline, keys) -> None:
+        self._suffixes.setdefault(pipeline.name, [s for s, _ in self.entities(pipeline)])
         for key in keys:
             for topic, config in self.components(pipeline, key):
                 self._publish(topic, json.dumps(config, separators=(",", ":")).encode(), 1, True)
@@ -127,31 +149,35 @@ class Discovery:
                   "origin": {"name": "edgernn", "sw_version": __version__}}
         if self.config.expire_after:
             common["expire_after"] = self.config.expire_after
-        entities = []
+        return [(self._topic(pipeline, key, suffix), {**entity, "unique_id": f"edgernn_{self.node}_{stream}_{suffix}",
+                                                      **common})
+                for suffix, entity in self.entities(pipeline)]
+
+    def entities(self, pipeline) -> list[tuple[str, dict]]:
+        """[(id suffix, the entity's own fields)] the pipeline's model and config make for every stream."""
+        spec = pipeline.model.spec
         y_field = pipeline.config.y_field
         labels = pipeline.config.homeassistant.labels or spec.labels
         if labels:
             probabilities = bool(spec.head) and spec.head[-1].activation.name == "softmax"
-            entities.append(("class", {"name": "Class", "device_class": "enum", "options": list(labels),
-                                       "value_template": top_class_template(y_field, labels)}))
-            entities.append(("confidence", {"name": "Confidence", "unit_of_measurement": "%",
-                                            "state_class": "measurement", "suggested_display_precision": 1,
-                                            "value_template": confidence_template(y_field, probabilities)}))
-        else:
-            for sensor in self._sensors(pipeline):
-                entity = {"name": sensor.name, "value_template": f"{{{{ value_json[{json.dumps(y_field)}]"
-                                                                  f"[{sensor.output}] }}}}"}
-                for field, value in (("unit_of_measurement", sensor.unit), ("device_class", sensor.device_class),
-                                     ("state_class", sensor.state_class)):
-                    if value is not None:
-                        entity[field] = value
-                entities.append((f"y{sensor.output}", entity))
-        components = []
-        for suffix, entity in entities:
-            unique_id = f"edgernn_{self.node}_{stream}_{suffix}"
-            topic = f"{self.config.discovery_prefix}/sensor/{self.node}/{stream}_{suffix}/config"
-            components.append((topic, {**entity, "unique_id": unique_id, **common}))
-        return components
+            return [("class", {"name": "Class", "device_class": "enum", "options": list(labels),
+                               "value_template": top_class_template(y_field, labels)}),
+                    ("confidence", {"name": "Confidence", "unit_of_measurement": "%", "state_class": "measurement",
+                                    "suggested_display_precision": 1,
+                                    "value_template": confidence_template(y_field, probabilities)})]
+        entities = []
+        for sensor in self._sensors(pipeline):
+            entity = {"name": sensor.name, "value_template": f"{{{{ value_json[{json.dumps(y_field)}][{sensor.output}] }}}}"}
+            for field, value in (("unit_of_measurement", sensor.unit), ("device_class", sensor.device_class),
+                                 ("state_class", sensor.state_class)):
+                if value is not None:
+                    entity[field] = value
+            entities.append((f"y{sensor.output}", entity))
+        return entities
+
+    def _topic(self, pipeline, key: str, suffix: str) -> str:
+        stream = object_id(f"{pipeline.name}/{key}", 48)
+        return f"{self.config.discovery_prefix}/sensor/{self.node}/{stream}_{suffix}/config"
 
     def _sensors(self, pipeline):
         from .config import HomeAssistantSensor

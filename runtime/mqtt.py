@@ -615,6 +615,8 @@ def _probe_one(broker, subscriptions, listen: float, on_message, messages=(), un
         connection.connected.wait(listen)  # set once the subscriptions are sent: they go ahead of the publishes
         deadline = time.monotonic() + listen
         for topic, payload in messages:
+            if until is not None and until():  # answered already (a refusal): the rest would be ignored
+                break
             confirmed = threading.Event()
             connection.publish(topic, payload, 1, on_done=confirmed.set)
             if not confirmed.wait(max(0.0, deadline - time.monotonic())):

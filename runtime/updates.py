@@ -36,6 +36,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,10 +50,13 @@ log = logging.getLogger(__name__)
 
 REFUSALS = ("bad_header", "too_large", "incomplete", "unsigned", "bad_signature", "tampered", "untrusted",
             "bad_model", "unversioned", "not_newer", "path_not_allowed", "busy")
+FINAL_EVENTS = ("installed", "promoted", "shadow_failed", "refused")
 RESULTS = ("installed", "shadow_started", "promoted", "shadow_failed", "rolled_back") + tuple(
     f"refused_{reason}" for reason in REFUSALS)
 MAX_HEADER_BYTES = 16384
 MAX_CHUNKS = 65536
+MAX_PROBATION_STARTS = 3
+"""A model still on probation after this many starts (it may be what makes the daemon crash) is set aside."""
 
 
 class Refused(Exception):
@@ -154,18 +158,25 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
-def serving_config(updates_config, pipeline_config):
-    """The pipeline config to start with: the installed update's file while the config's own model file is the
-    one it replaced, else the config as written."""
-    manifest = ModelStore(updates_config.dir, pipeline_config.name).manifest()
-    if not manifest or not manifest.get("current") or not manifest["current"].get("file"):
-        return pipeline_config
+def serving_configs(updates_config, pipeline_config) -> list:
+    """The pipeline configs to start with, best first: the installed update (unless it is on probation and
+    did not survive `MAX_PROBATION_STARTS` starts) and the last good model before it, while the config's own
+    model file is the one they replaced; then the config as written."""
+    store = ModelStore(updates_config.dir, pipeline_config.name)
+    manifest = store.manifest() or {}
+    current = manifest.get("current")
+    if current and not current.get("proven", True) and current.get("starts", 0) >= MAX_PROBATION_STARTS:
+        log.error("pipeline %s: model %s was on probation at %d starts in a row: serving the last good one",
+                  pipeline_config.name, current.get("version"), current["starts"], extra={"event": "rolled_back"})
+        current = None
+    entries = [e for e in (current, manifest.get("last_good")) if e and e.get("file")]
+    if not entries:
+        return [pipeline_config]
     if manifest.get("source_sha256") != sha256_of(pipeline_config.model):
         log.info("pipeline %s: the config's model file changed since the update %s was installed: serving it",
-                 pipeline_config.name, manifest["current"].get("version"), extra={"event": "update_superseded"})
-        return pipeline_config
-    path = ModelStore(updates_config.dir, pipeline_config.name).directory / manifest["current"]["file"]
-    return dataclasses.replace(pipeline_config, model=path)
+                 pipeline_config.name, entries[0].get("version"), extra={"event": "update_superseded"})
+        return [pipeline_config]
+    return [dataclasses.replace(pipeline_config, model=store.directory / e["file"]) for e in entries] + [pipeline_config]
 
 
 def _entry(path, data: bytes, model, own_file: bool) -> dict:
@@ -174,13 +185,33 @@ def _entry(path, data: bytes, model, own_file: bool) -> dict:
             "version": model.spec.model_version}
 
 
+def _read_regular_file(path: Path, limit: int) -> bytes:
+    """At most ``limit`` bytes of the regular file ``path`` (not a link, FIFO or device); `Refused` otherwise."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise Refused("unsigned" if path.name.endswith(".sig") else "bad_model", f"{path}: no such file") from None
+    except OSError as error:
+        raise Refused("bad_model", f"{path}: cannot open it ({error.strerror or error})") from None
+    with os.fdopen(descriptor, "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise Refused("path_not_allowed", f"{path}: not a regular file")
+        if info.st_size > limit:
+            raise Refused("too_large", f"{path}: {info.st_size:,} bytes, more than {limit:,}")
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise Refused("too_large", f"{path}: more than {limit:,} bytes")
+    return data
+
+
 class Updates:
     """Receives updates for every pipeline and watches the models it swapped in. Runs on the worker thread.
 
-    ``swap(pipeline, config, loaded, keep_states)`` is the daemon's: snapshot, serve ``loaded`` (model, backend),
-    snapshot; it returns whether states were kept, or None when it could not snapshot (tried again later).
-    ``check_model(config, model)`` raises when a model does not fit the pipeline. ``publish(topic, payload,
-    qos, retain)`` and ``count(pipeline, result)`` say what happened."""
+    ``swap(pipeline, config, loaded, keep_states, after)`` is the daemon's: snapshot, serve ``loaded`` (model,
+    backend), ``after(kept)``, snapshot; it returns whether states were kept, or None when it could not take
+    the first snapshot (nothing changed). ``check_model(config, model)`` raises when a model does not fit the
+    pipeline. ``publish(topic, payload, qos, retain)`` and ``count(pipeline, result)`` say what happened."""
 
     def __init__(self, config, pipelines, swap, check_model, publish, count):
         from edgernn.signing import load_public_key
@@ -190,14 +221,48 @@ class Updates:
         self.sources = {p.name: p for p in config.pipelines}  # as the config file writes them
         self.pipelines = {p.name: p for p in pipelines}
         self._swap, self._check_model, self._publish, self._count = swap, check_model, publish, count
-        self._transfers: dict = {}  # (pipeline, id) -> _Transfer
+        self._transfers: dict = {}  # pipeline -> (id, _Transfer): one at a time per pipeline, the latest wins
+        self._refused_ids: dict = {}  # (pipeline, id) -> when: the rest of a refused update's chunks are ignored
         self._watches: dict = {}  # pipeline -> _Probation or _Shadow
-        self._actions: list = []  # (pipeline, what, detail): swaps decided inside a micro-batch, done after it
+        self._resumed: list = []  # events of the start-up (said once connected: at the first tick)
+        for pipeline in pipelines:
+            self._resume(pipeline)
 
     def handlers(self) -> dict:
         """{topic: handler(inbound)} for `Scheduler.control`."""
         return {f"{self.config.topic}/{name}": (lambda inbound, p=pipeline: self.on_message(p, inbound))
                 for name, pipeline in self.pipelines.items()}
+
+    def _store(self, pipeline) -> ModelStore:
+        return ModelStore(self.config.dir, pipeline.name)
+
+    def _resume(self, pipeline) -> None:
+        """At start: a model still on probation is watched again (and its starts counted); an installed model
+        that did not load (the daemon serves the one before it) is recorded as rolled back."""
+        store = self._store(pipeline)
+        manifest = store.manifest()
+        if not manifest or manifest.get("source_sha256") != sha256_of(self.sources[pipeline.name].model):
+            return
+        current = manifest.get("current") or {}
+        serving = self._serving_entry(pipeline, manifest)
+        if current.get("file") and serving.get("file") == current["file"]:
+            if not current.get("proven", True):
+                current["starts"] = current.get("starts", 0) + 1
+                store.write_manifest(manifest)
+                self._watch(pipeline, _Probation(self.config.probation_messages, pipeline.batch_failures))
+        elif current.get("file"):
+            manifest.update(current=serving, last_good=None)
+            store.write_manifest(manifest)
+            self._resumed.append((pipeline.name, current.get("version")))
+
+    def _serving_entry(self, pipeline, manifest: dict) -> dict:
+        """The manifest entry of the model ``pipeline`` serves now."""
+        if pipeline.config.model.parent == self._store(pipeline).directory:
+            for entry in (manifest.get("current"), manifest.get("last_good")):
+                if entry and entry.get("file") == pipeline.config.model.name:
+                    return entry
+        return {"file": None, "sha256": sha256_of(self.sources[pipeline.name].model),
+                "version": pipeline.model.spec.model_version, "proven": True}
 
     # ---- receiving -----------------------------------------------------------------------------------
     def on_message(self, pipeline, inbound) -> None:
@@ -205,6 +270,8 @@ class Updates:
         try:
             header, body = parse_message(inbound.payload)
             update_id = header["id"]
+            if (pipeline.name, update_id) in self._refused_ids:
+                return  # a later chunk of an update refused already: said once
             if "path" in header:
                 data, signature = self._read_path(header)
             else:
@@ -217,15 +284,19 @@ class Updates:
             self._refused(pipeline.name, update_id, refusal)
 
     def _add_chunk(self, name: str, header: dict, body: bytes):
-        key = (name, header["id"])
-        transfer = self._transfers.get(key)
-        if transfer is None:
-            if len(self._transfers) >= 4:
-                raise Refused("busy", "4 updates are being received already")
-            transfer = self._transfers[key] = _Transfer(chunks=header["chunks"])
+        update_id = header["id"]
+        current = self._transfers.get(name)
+        if current is not None and current[0] != update_id:  # the sender moved on: the older one is dropped
+            del self._transfers[name]
+            self._refused(name, current[0], Refused("incomplete", f"replaced by update {update_id!r} before its "
+                                                                  f"{current[1].chunks} chunks came"))
+            current = None
+        if current is None:
+            current = self._transfers[name] = (update_id, _Transfer(chunks=header["chunks"]))
+        transfer = current[1]
         if header["chunks"] != transfer.chunks:
-            del self._transfers[key]
-            raise Refused("bad_header", f"chunk {header['chunk']} says {header['chunks']} chunks, chunk 0 said "
+            del self._transfers[name]
+            raise Refused("bad_header", f"chunk {header['chunk']} says {header['chunks']} chunks, an earlier one said "
                                         f"{transfer.chunks}")
         if header["chunk"] == 0:
             transfer.signature = header.get("signature")
@@ -233,11 +304,11 @@ class Updates:
         transfer.parts[header["chunk"]] = body
         transfer.last = time.monotonic()
         if transfer.size > self.config.max_bytes:
-            del self._transfers[key]
+            del self._transfers[name]
             raise Refused("too_large", f"more than max_bytes ({self.config.max_bytes:,} bytes)")
         if len(transfer.parts) < transfer.chunks:
             return None
-        del self._transfers[key]
+        del self._transfers[name]
         if transfer.signature is None:
             raise Refused("unsigned", "no signature in chunk 0's header")
         return b"".join(transfer.parts[i] for i in range(transfer.chunks)), transfer.signature
@@ -249,16 +320,8 @@ class Updates:
         if not path.is_absolute() or not any(real.is_relative_to(directory) for directory in allowed):
             raise Refused("path_not_allowed", f"{path} is not under allow_paths "
                                               f"({', '.join(map(str, allowed)) or 'none set'})")
-        try:
-            data = real.read_bytes()
-            signature = header.get("signature") or real.with_name(real.name + ".sig").read_text()
-        except FileNotFoundError as error:
-            raise Refused("unsigned" if error.filename.endswith(".sig") else "bad_model",
-                          f"{error.filename}: no such file") from None
-        except OSError as error:
-            raise Refused("bad_model", f"{path}: cannot read it ({error.strerror or error})") from None
-        if len(data) > self.config.max_bytes:
-            raise Refused("too_large", f"{path}: more than max_bytes ({self.config.max_bytes:,} bytes)")
+        data = _read_regular_file(real, self.config.max_bytes)
+        signature = header.get("signature") or _read_regular_file(real.with_name(real.name + ".sig"), 65536)
         return data, signature
 
     def _candidate(self, pipeline, update_id: str, data: bytes, signature) -> None:
@@ -272,25 +335,31 @@ class Updates:
             key_id = verify_bytes(data, signature, self.keys, f"update {update_id!r}", "its signature")
         except SignatureError as error:
             raise Refused(error.reason, str(error)) from None
-        store = ModelStore(self.config.dir, pipeline.name)
+        store = self._store(pipeline)
         config = dataclasses.replace(pipeline.config, model=store.directory / f"{hashlib.sha256(data).hexdigest()[:24]}.ern")
         try:
             loaded = load_backend(config, data)
             self._check_model(config, loaded[0])
         except Exception as error:  # noqa: BLE001 -- whatever a model file gets wrong is a refusal, said
             raise Refused("bad_model", " ".join(str(error).split())) from None
-        version = loaded[0].spec.model_version
+        model = loaded[0]
+        version = model.spec.model_version
         if not version:
             raise Refused("unversioned", "the model has no model_version (edgernn convert --model-version)")
         floor = self._highest_version(pipeline, store)
         if floor and version_key(version) <= version_key(floor):
             raise Refused("not_newer", f"version {version} is not newer than {floor}")
+        shadow = self.config.shadow_messages > 0
+        if shadow and (model.input_size, model.output_size) != (pipeline.model.input_size, pipeline.model.output_size):
+            raise Refused("bad_model", f"a model with {model.input_size} inputs and {model.output_size} outputs cannot "
+                                       f"run in shadow beside one with {pipeline.model.input_size} and "
+                                       f"{pipeline.model.output_size} (shadow_messages = 0 installs it directly)")
         store.add(data, signature if isinstance(signature, dict) else json.loads(signature))
-        update = _Update(update_id, config, loaded, _entry(config.model, data, loaded[0], True), key_id)
-        if self.config.shadow_messages:
+        update = _Update(update_id, config, loaded, _entry(config.model, data, model, True), key_id)
+        if shadow:
             self._start_shadow(pipeline, update)
         else:
-            self._install(pipeline, update, self.config.states == "keep")
+            self._install(pipeline, update)
 
     def _highest_version(self, pipeline, store) -> str:
         versions = [pipeline.model.spec.model_version, (store.manifest() or {}).get("highest_version", "")]
@@ -298,62 +367,81 @@ class Updates:
         return max(versions, key=version_key, default="")
 
     # ---- swapping ------------------------------------------------------------------------------------
-    def _install(self, pipeline, update, keep_states: bool, adopt=None) -> None:
-        store = ModelStore(self.config.dir, pipeline.name)
+    def _install(self, pipeline, update, shadow=None) -> bool:
+        """Swap ``update`` in (a promotion when ``shadow`` ran it); False when it could not snapshot first."""
+        store = self._store(pipeline)
         manifest = store.manifest() or {}
-        previous = manifest.get("current") if pipeline.config.model.parent == store.directory else None
-        if previous is None:
-            previous = {"file": None, "sha256": sha256_of(self.sources[pipeline.name].model),
-                        "version": pipeline.model.spec.model_version}
-        kept = self._swap(pipeline, update.config, update.loaded, keep_states)
-        if kept is None:  # the snapshot before it could not be taken: after the next micro-batch
-            self._actions.append((pipeline.name, "install", (update, keep_states, adopt)))
-            return
-        if adopt is not None:
-            adopt(pipeline)
-        store.write_manifest({
-            "source_sha256": sha256_of(self.sources[pipeline.name].model), "current": update.entry,
-            "last_good": previous, "highest_version": max(
-                [v for v in (update.entry["version"], manifest.get("highest_version", "")) if v], key=version_key)})
-        result = "promoted" if adopt is not None else "installed"
-        self._event(pipeline.name, update.id, result, version=update.entry["version"], sha256=update.entry["sha256"],
-                    key_id=update.key_id, states="kept" if kept or adopt is not None else "reset")
-        if self.config.probation_messages:
-            self._watch(pipeline, _Probation(self.config.probation_messages, pipeline.batch_failures))
+        serving = self._serving_entry(pipeline, manifest)
+        previous = serving if serving.get("proven", True) else manifest.get("last_good") or serving
+        on_probation = self.config.probation_messages > 0
+        entry = dict(update.entry, proven=not on_probation, starts=0)
+        highest = max([v for v in (entry["version"], manifest.get("highest_version", "")) if v], key=version_key)
 
-    def _rollback(self, pipeline, reason: str) -> None:
+        def after(kept):  # between the swap and the snapshot after it: that snapshot holds all of it
+            if shadow is not None:
+                shadow.adopt(pipeline)
+            store.write_manifest({"source_sha256": sha256_of(self.sources[pipeline.name].model), "current": entry,
+                                  "last_good": previous, "highest_version": highest})
+
+        kept = self._swap(pipeline, update.config, update.loaded, self.config.states == "keep", after)
+        if kept is None:
+            if shadow is None:
+                raise Refused("busy", "outputs still unconfirmed after 1 s (broker unreachable?): nothing changed, "
+                                      "send it again")
+            return False
+        result = "installed" if shadow is None else "promoted"
+        self._event(pipeline.name, update.id, result, version=entry["version"], sha256=entry["sha256"],
+                    key_id=update.key_id, states="kept" if kept or shadow is not None else "reset")
+        self._unwatch(pipeline)
+        if on_probation:
+            self._watch(pipeline, _Probation(self.config.probation_messages, pipeline.batch_failures))
+        return True
+
+    def _rollback(self, pipeline, reason: str) -> bool:
+        """Back to the last good model; False when it could not snapshot first (tried again at the next tick)."""
         from edgernn.signing import read_verified
 
         from .backends import load_backend
 
-        store = ModelStore(self.config.dir, pipeline.name)
+        store = self._store(pipeline)
         manifest = store.manifest() or {}
-        good = manifest.get("last_good") or {"file": None}
+        good = manifest.get("last_good") or {"file": None, "proven": True}
         source = self.sources[pipeline.name]
-        config = source if not good["file"] else dataclasses.replace(source, model=store.directory / good["file"])
+        config = source if not good.get("file") else dataclasses.replace(source, model=store.directory / good["file"])
         try:
             data = read_verified(config.model, self.keys)[0] if self.keys else None
             loaded = load_backend(config, data)
         except Exception as error:  # noqa: BLE001 -- nothing to roll back to: the new model keeps serving
             log.error("pipeline %s: cannot roll back to %s: %s", pipeline.name, config.model, error,
                       extra={"event": "rollback_failed", "pipeline": pipeline.name})
-            return
-        kept = self._swap(pipeline, config, loaded, True)
-        if kept is None:
-            self._actions.append((pipeline.name, "rollback", reason))
-            return
-        table = pipeline.table
-        keys = table.keys()
-        broken = ~np.isfinite(table.states[table.peek_slots(keys)]).all(axis=1) if keys else []
-        for key, bad in zip(keys, broken):
-            if bad:
-                table.reset(key)
-        manifest.update(current=good if good["file"] else None, last_good=None)
-        store.write_manifest(manifest)
+            return True
+        broken_count = []
+
+        def after(kept):
+            table = pipeline.table
+            keys = table.keys()
+            broken = ~np.isfinite(table.states[table.peek_slots(keys)]).all(axis=1) if keys else []
+            for key, bad in zip(keys, broken):
+                if bad:
+                    table.reset(key)
+            broken_count.append(int(np.count_nonzero(broken)))
+            manifest.update(current=good if good.get("file") else None, last_good=None)
+            store.write_manifest(manifest)
+
+        if self._swap(pipeline, config, loaded, True, after) is None:
+            return False
         self._event(pipeline.name, "", "rolled_back", reason=reason, version=loaded[0].spec.model_version,
-                    streams_reset=int(np.count_nonzero(broken)))
+                    streams_reset=broken_count[0])
         log.error("pipeline %s: rolled back to %s: %s", pipeline.name, config.model, reason,
                   extra={"event": "rolled_back", "pipeline": pipeline.name})
+        return True
+
+    def _mark_proven(self, pipeline) -> None:
+        store = self._store(pipeline)
+        manifest = store.manifest() or {}
+        if manifest.get("current") and manifest["current"].get("file") == pipeline.config.model.name:
+            manifest["current"]["proven"] = True
+            store.write_manifest(manifest)
 
     def _start_shadow(self, pipeline, update) -> None:
         def publish(key, y, seq):
@@ -366,8 +454,14 @@ class Updates:
                     messages=self.config.shadow_messages)
 
     def _watch(self, pipeline, watch) -> None:
+        def observe(*arguments):  # an error in a candidate fails it; the pipeline serves on
+            try:
+                watch.observe(*arguments)
+            except Exception as error:  # noqa: BLE001
+                watch.verdict = ("fail", f"the model failed: {type(error).__name__}: {error}")
+
         self._watches[pipeline.name] = watch
-        pipeline.observer = watch.observe
+        pipeline.observer = observe
 
     def _unwatch(self, pipeline) -> None:
         self._watches.pop(pipeline.name, None)
@@ -377,42 +471,46 @@ class Updates:
     def tick(self) -> None:
         """Expire stalled transfers; act on what the watches decided during the last micro-batch."""
         now = time.monotonic()
-        for key, transfer in list(self._transfers.items()):
+        for name, version in self._resumed:
+            self._event(name, "", "rolled_back", reason="the installed model did not load at start", version=version)
+        self._resumed.clear()
+        for name, (update_id, transfer) in list(self._transfers.items()):
             if now - transfer.last > self.config.chunk_timeout:
-                del self._transfers[key]
-                self._refused(key[0], key[1], Refused("incomplete", f"{len(transfer.parts)} of {transfer.chunks} "
-                                                                    f"chunks in {self.config.chunk_timeout:g} s"))
+                del self._transfers[name]
+                self._refused(name, update_id, Refused("incomplete", f"{len(transfer.parts)} of {transfer.chunks} "
+                                                                     f"chunks in {self.config.chunk_timeout:g} s"))
+        for key, when in list(self._refused_ids.items()):
+            if now - when > self.config.chunk_timeout:
+                del self._refused_ids[key]
         for name, watch in list(self._watches.items()):
             pipeline = self.pipelines[name]
             if isinstance(watch, _Probation) and pipeline.batch_failures > watch.failures:
                 watch.verdict = ("fail", "a micro-batch failed on the new model")
             if watch.verdict is None:
                 continue
-            self._unwatch(pipeline)
             outcome, detail = watch.verdict
             if isinstance(watch, _Probation):
-                if outcome == "fail":
-                    self._rollback(pipeline, detail)
-            elif outcome == "pass":
-                self._install(pipeline, watch.update, self.config.states == "keep", adopt=watch.adopt)
+                if outcome == "pass":
+                    self._unwatch(pipeline)
+                    self._mark_proven(pipeline)
+                elif self._rollback(pipeline, detail):
+                    self._unwatch(pipeline)
+            elif outcome == "pass":  # promoted; if the snapshot before it cannot be taken, at a later tick
+                self._install(pipeline, watch.update, shadow=watch)  # (the shadow keeps its states in step)
             else:
+                self._unwatch(pipeline)
                 self._event(name, watch.update.id, "shadow_failed", reason=detail, version=watch.update.entry["version"])
-        actions, self._actions = self._actions, []
-        for name, what, detail in actions:
-            if what == "install":
-                self._install(self.pipelines[name], *detail)
-            else:
-                self._rollback(self.pipelines[name], detail)
 
     # ---- saying what happened ----------------------------------------------------------------------------
     def _refused(self, pipeline: str, update_id: str, refusal: Refused) -> None:
+        self._refused_ids[(pipeline, update_id)] = time.monotonic()
         log.warning("pipeline %s: update %r refused (%s): %s", pipeline, update_id, refusal.reason, refusal,
                     extra={"event": "update_refused", "pipeline": pipeline, "reason": refusal.reason})
         self._event(pipeline, update_id, f"refused_{refusal.reason}", reason=refusal.reason, message=str(refusal))
 
     def _event(self, pipeline: str, update_id: str, result: str, **details) -> None:
         self._count(pipeline, result)
-        event = {"pipeline": pipeline, "id": update_id, "event": result.split("_")[0] if result.startswith("refused")
+        event = {"pipeline": pipeline, "id": update_id, "event": "refused" if result.startswith("refused_")
                  else result, "time": round(time.time(), 3), **details}
         if result in ("installed", "promoted"):
             log.info("pipeline %s: model %s %s (states %s)", pipeline, details.get("version"), result,
@@ -464,10 +562,12 @@ class _Shadow:
             self.table.states[self.table.slots_for(keys)] = pipeline.table.states[pipeline.table.peek_slots(keys)]
 
     def observe(self, keys, seqs, X, Y, published) -> None:
-        if self.verdict is not None:
+        if self.verdict is not None and self.verdict[0] == "fail":
             return
         slots = self.table.slots_for(keys)
         candidate = self.backend.step_batch(self.table.states, slots, np.ascontiguousarray(X))
+        if self.verdict is not None:  # passed: its states keep in step with every sample until the promotion
+            return
         rows = np.flatnonzero(published)
         if not np.isfinite(candidate[rows]).all():
             self.verdict = ("fail", "a non-finite prediction")
@@ -495,7 +595,8 @@ def send_update(config, pipeline: str, model_path, *, update_id: str | None = No
                 chunk_size: int = 256 << 10, wait: float = 60.0) -> tuple[dict | None, str | None]:
     """Publish ``model_path`` (signed: ``<model_path>.sig``) as an update of ``pipeline`` to the daemon of
     ``config``, or with ``local`` only its path (the file is on the daemon's machine, under ``allow_paths``),
-    then wait for what became of it on the events topic. Returns (the event, None) or (None, why not)."""
+    then wait for what became of it on the events topic: installed, refused, or after a shadow run promoted or
+    shadow_failed (``shadow_started`` when the wait ends first). Returns (the event, None) or (None, why not)."""
     from edgernn.signing import signature_path
 
     from .mqtt import exchange
@@ -524,7 +625,7 @@ def send_update(config, pipeline: str, model_path, *, update_id: str | None = No
 
     broker = dataclasses.replace(config.broker, client_id=config.broker.client_id[:100] + "-update")
     failure = exchange(broker, [(topic, m) for m in messages], [config.updates.events_topic], heard,
-                       until=lambda: bool(events), timeout=wait)
-    if events:
-        return events[0], None
+                       until=lambda: any(e.get("event") in FINAL_EVENTS for e in events), timeout=wait)
+    if events:  # the final one; or "shadow_started" when the shadow run outlasted the wait
+        return events[-1], None
     return None, failure or "no event came back"

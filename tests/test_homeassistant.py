@@ -201,6 +201,9 @@ def test_a_model_file_with_labels_and_a_softmax_head_needs_no_labels_in_the_conf
     assert classes["device"]["model"] == "activity" and classes["device"]["sw_version"] == "2.1"
     assert _render(confidence["value_template"], b'{"y": [0.25, 0.75]}') == "75.0"  # probabilities as they are
     assert _render(classes["value_template"], b'{"y": [0.25, 0.75]}') == "busy"
+    # A non-finite output is published as null: Home Assistant reads "None" as unknown, not a template error.
+    assert _render(classes["value_template"], b'{"y": [null, 0.75]}') == "None"
+    assert _render(confidence["value_template"], b'{"y": [0.25, null]}') == "None"
 
 
 @pytest.mark.parametrize("top, pipeline, problem", [
@@ -209,6 +212,8 @@ def test_a_model_file_with_labels_and_a_softmax_head_needs_no_labels_in_the_conf
      "homeassistant.enabled: Home Assistant reads JSON predictions"),
     ("[homeassistant]\ndiscovery_prefix = \"home assistant\"\n", "", "discovery_prefix: must be topic levels"),
     ("[homeassistant]\n", '[pipelines.homeassistant]\nlabels = ["a", "a"]', "labels: must be distinct"),
+    ("[homeassistant]\n", '[[pipelines.homeassistant.sensors]]\noutput = 0\nname = "a"\n'
+                          '[[pipelines.homeassistant.sensors]]\noutput = 0\nname = "b"', "two sensors read the same output"),
 ])
 def test_config_errors_name_the_option(tmp_path, top, pipeline, problem):
     with pytest.raises(ConfigError, match=re.escape(problem)):
@@ -221,3 +226,24 @@ def test_labels_that_do_not_fit_the_model_stop_the_start_with_the_option_named(t
                                       pipeline='[pipelines.homeassistant]\nlabels = ["a", "b", "c"]'))
     with pytest.raises(ConfigError, match=r"homeassistant.labels: pipeline 'imu': 3 labels for a model with 2 outputs"):
         Daemon(config)
+
+
+def test_a_stream_forgotten_as_idle_is_removed_from_home_assistant(tmp_path):
+    write_model(tmp_path / "model.ern", hidden=8)
+    with Mosquitto(tmp_path / "broker").start() as broker:
+        config = write_config(tmp_path, broker.port, top="[homeassistant]\n", pipeline="idle_reset = 1.0")
+        watcher = Client(broker.port, subscribe="homeassistant/#")
+        daemon = start_daemon(config)
+        try:
+            Client(broker.port).publish("sensors/dev0/imu", payload(0, 1))
+            assert wait_until(lambda: len(_configs(watcher)) == 2 and all(_configs(watcher).values()), 20)
+            assert wait_until(lambda: not any(_configs(watcher).values()), 20)  # both removed, empty and retained
+            late = Client(broker.port, subscribe="homeassistant/#")
+            assert not wait_until(lambda: late.messages, 1)
+        finally:
+            daemon.stop()
+
+
+def test_a_pipeline_with_raw_predictions_is_not_announced_unless_asked(tmp_path):
+    config = load_config(write_config(tmp_path, 1, top="[homeassistant]\n", pipeline='output_format = "raw"'))
+    assert config.pipelines[0].homeassistant.enabled is False

@@ -15,7 +15,7 @@ import pytest
 
 import edgernn
 from broker import Client, Mosquitto
-from daemon_harness import offline, payload, sample, start_daemon, wait_until, write_config
+from daemon_harness import DaemonProcess, payload, sample, start_daemon, wait_until, write_config
 from edgernn.runtime.updates import ModelStore, encode_messages
 from edgernn.signing import generate_keys, sign_file, signature_path
 from helpers import random_model
@@ -54,20 +54,18 @@ def rig(tmp_path):
         yield tmp_path, broker
 
 
-def _config(tmp_path, broker, updates=""):
-    return write_config(tmp_path, broker.port, model="v1.ern",
-                        top=f'[signing]\ntrusted_keys = ["keys/release.pub"]\n[updates]\nallow_paths = ["incoming"]\n'
-                            f'chunk_timeout = 5\n{updates}\n')
-
-
 class Rig:
-    """The daemon, a publisher and a watcher of predictions, shadow predictions and update events."""
+    """The daemon (in-process, or a process of its own to kill), a publisher and a watcher of predictions,
+    shadow predictions and update events."""
 
-    def __init__(self, tmp_path, broker, updates=""):
+    def __init__(self, tmp_path, broker, updates="", state="", process=False):
         self.v1, _ = _model(tmp_path, "v1.ern", "1")
-        self.config = _config(tmp_path, broker, updates)
+        self.config = write_config(tmp_path, broker.port, model="v1.ern", state=state,
+                                   top=f'[signing]\ntrusted_keys = ["keys/release.pub"]\n[updates]\n'
+                                       f'allow_paths = ["incoming"]\nchunk_timeout = 5\n{updates}\n')
         self.watcher = Client(broker.port, subscribe="#")
-        self.daemon = start_daemon(self.config)
+        self.daemon = (DaemonProcess(self.config, tmp_path / "daemon.log").start() if process
+                       else start_daemon(self.config))
         self.publisher = Client(broker.port)
 
     def samples(self, seqs):
@@ -102,7 +100,11 @@ class Rig:
         return self.predictions(prefix)
 
     def close(self):
-        self.daemon.stop()
+        if isinstance(self.daemon, DaemonProcess):
+            if self.daemon.process.poll() is None:
+                self.daemon.terminate()
+        else:
+            self.daemon.stop()
         self.publisher.close()
         self.watcher.close()
 
@@ -174,15 +176,24 @@ def test_refused_updates_are_counted_said_and_change_nothing(rig):
         r.publisher.publish_in_order(TOPIC, b'{"id": "unsigned", "chunk": 0, "chunks": 1}\n' + old_path.read_bytes())
         r.publisher.publish_in_order(TOPIC, b"not an update")
         r.publisher.publish_in_order(TOPIC, json.dumps({"id": "far", "path": str(old_path)}).encode() + b"\n")
+        (tmp_path / "incoming" / "link.ern").symlink_to(old_path)  # a link out of allow_paths
+        r.publisher.publish_in_order(TOPIC, json.dumps({"id": "link", "path": str(tmp_path / "incoming" / "link.ern")})
+                                     .encode() + b"\n")
+        r.publisher.publish_in_order(TOPIC, json.dumps({"id": "dots", "path": f"{tmp_path}/incoming/../old.ern"})
+                                     .encode() + b"\n")
+        forged = json.dumps({"id": "forged", "chunk": 0, "chunks": 1, "signature": {"format": "edgernn-signature"}})
+        r.publisher.publish_in_order(TOPIC, forged.encode() + b"\n" + old_path.read_bytes())
         r.publisher.publish_in_order(TOPIC, b'{"id": "stalled", "chunk": 0, "chunks": 2, "signature": {}}\nabc')
         r.samples([1])
         events = {}
-        assert wait_until(lambda: len(r.events()) >= 8, 20), r.events()  # "stalled" after chunk_timeout = 5 s
+        assert wait_until(lambda: len(r.events()) >= 11, 20), r.events()  # "stalled" after chunk_timeout = 5 s
         for event in r.events():
             events[event["id"]] = event["reason"]
         assert events == {"wrong-key": "untrusted", "old": "not_newer", "unversioned": "unversioned",
                           "tampered": "tampered", "unsigned": "unsigned", "?": "bad_header",
-                          "far": "path_not_allowed", "stalled": "incomplete"}
+                          "far": "path_not_allowed", "link": "path_not_allowed", "dots": "path_not_allowed",
+                          "forged": "bad_signature", "stalled": "incomplete"}
+        assert not list((tmp_path / "state" / "models").rglob("*.ern"))  # nothing refused was kept
         assert all(e["event"] == "refused" and e["message"] for e in r.events())
         _assert_equal(r.wait_predictions(DEVICES), [(r.v1, [1], True)])
         assert r.daemon.pipelines[0].model.spec.model_version == "1"
@@ -261,11 +272,13 @@ def test_a_model_that_fails_on_probation_is_rolled_back_to_the_last_good_one_on_
     tmp_path, broker = rig
     v2, v2_path = _model(tmp_path, "v2.ern", "2", seed=1)
     _, bad_path = _model(tmp_path, "v5.ern", "5", seed=1, poison=True)  # v2's recurrent weights, a poisoned head
-    r = Rig(tmp_path, broker)
+    r = Rig(tmp_path, broker, updates="probation_messages = 6")
+    store = ModelStore(tmp_path / "state" / "models", "imu")
     try:
         r.send(v2_path, update_id="v2")
-        r.samples(range(1, 4))
-        assert r.wait_event()["event"] == "installed"
+        assert r.wait_event()["event"] == "installed" and store.manifest()["current"]["proven"] is False
+        r.samples(range(1, 4))  # 9 finite predictions: v2 passes its probation, the last good model from now on
+        assert wait_until(lambda: store.manifest()["current"]["proven"], 10)
         r.send(bad_path, update_id="v5")
         r.samples([4])  # inf predictions: the rollback follows this micro-batch
         assert r.wait_event(2)["event"] == "installed"
@@ -274,12 +287,14 @@ def test_a_model_that_fails_on_probation_is_rolled_back_to_the_last_good_one_on_
         assert rollback["reason"] == "a non-finite prediction"
         r.samples(range(5, 8))
         received = r.wait_predictions(7 * DEVICES)
-        assert all(None in received[d][4] for d in range(DEVICES))  # what v5 published (inf is null in JSON)
+        # what v5 published (inf is null in JSON), up to the micro-batch after which it was rolled back
+        assert None in received[0][4]
         expected = [(v2, range(1, 8), True)]  # v5 advanced the same recurrent state: v2 continues exactly
         for device in range(DEVICES):
             offline_v2 = _offline(expected, device)
-            for seq in (1, 2, 3, 5, 6, 7):
-                np.testing.assert_allclose(received[device][seq], offline_v2[seq], atol=1e-5)
+            for seq in range(1, 8):
+                if None not in received[device][seq]:
+                    np.testing.assert_allclose(received[device][seq], offline_v2[seq], atol=1e-5)
         manifest = ModelStore(tmp_path / "state" / "models", "imu").manifest()
         assert manifest["current"]["version"] == "2" and manifest["highest_version"] == "5"
         assert r.daemon.pipelines[0].model.spec.model_version == "2"
@@ -306,5 +321,124 @@ def test_edgernn_update_sends_a_model_and_says_what_became_of_it(rig):
         again = update()  # the same version again: refused, exit 1, the reason printed
         assert again.returncode == 1 and json.loads(again.stdout)["reason"] == "not_newer"
         assert r.daemon.pipelines[0].model.spec.model_version == "2"
+    finally:
+        r.close()
+
+
+def test_a_restart_serves_the_last_good_install_when_the_current_one_is_broken_and_the_config_when_it_changed(rig):
+    tmp_path, broker = rig
+    _, v2_path = _model(tmp_path, "v2.ern", "2", seed=1)
+    _, v3_path = _model(tmp_path, "v3.ern", "3", seed=2)
+    r = Rig(tmp_path, broker, updates="probation_messages = 0")  # every install is good at once
+    try:
+        r.send(v2_path, update_id="v2")
+        assert r.wait_event()["event"] == "installed"
+        r.send(v3_path, update_id="v3")
+        assert r.wait_event(2)["event"] == "installed"
+        r.daemon.stop()
+        store = ModelStore(tmp_path / "state" / "models", "imu")
+        manifest = store.manifest()
+        assert (manifest["current"]["version"], manifest["last_good"]["version"]) == ("3", "2")
+        assert sorted(p.name for p in store.directory.glob("*.ern")) == sorted(
+            [manifest["current"]["file"], manifest["last_good"]["file"]])  # older installs are pruned
+        broken = store.directory / manifest["current"]["file"]
+        broken.write_bytes(broken.read_bytes()[:-1] + b"\0")  # its signature no longer matches
+        r.daemon = start_daemon(r.config)
+        assert r.daemon.pipelines[0].model.spec.model_version == "2"
+        r.daemon.stop()
+        _model(tmp_path, "v1.ern", "7", seed=3)  # deployed by hand in the config's own file: that one serves
+        r.daemon = start_daemon(r.config)
+        assert r.daemon.pipelines[0].model.spec.model_version == "7"
+    finally:
+        r.close()
+
+
+def test_an_update_inside_a_burst_splits_the_micro_batch_at_its_place_and_the_journal_follows(rig):
+    """Samples and the update queued by the broker while the daemon is away arrive as one burst: the update
+    sits inside micro-batches, which `Scheduler.process` splits. With durability = "journal"."""
+    tmp_path, broker = rig
+    v2, v2_path = _model(tmp_path, "v2.ern", "2", seed=1)
+    r = Rig(tmp_path, broker, state='durability = "journal"')
+    r.daemon.stop()
+    r.samples(range(1, 16))
+    r.send(v2_path, chunk_size=700)
+    r.samples(range(16, 31))
+    r.daemon = start_daemon(r.config)
+    try:
+        _assert_equal(r.wait_predictions(30 * DEVICES), [(r.v1, range(1, 16), True), (v2, range(16, 31), True)])
+        sizes = {s.labels.get("le"): s.value for s in r.daemon.metrics.batch_size.collect()[0].samples
+                 if s.name.endswith("_bucket")}
+        assert sizes["1.0"] < sizes["+Inf"] / 2  # most micro-batches held several messages: bursts
+        assert r.wait_event()["event"] == "installed"
+    finally:
+        r.daemon.stop()
+    r.daemon = start_daemon(r.config)
+    try:
+        r.samples(range(31, 36))
+        _assert_equal(r.wait_predictions(35 * DEVICES), [(r.v1, range(1, 16), True), (v2, range(16, 36), True)])
+    finally:
+        r.close()
+
+
+def test_a_kill_after_a_swap_replays_the_journal_with_the_new_model(rig):
+    tmp_path, broker = rig
+    v2, v2_path = _model(tmp_path, "v2.ern", "2", seed=1)
+    r = Rig(tmp_path, broker, state='durability = "journal"\nsnapshot_interval = 3600', process=True)
+    try:
+        r.samples(range(1, 6))
+        r.send(v2_path)
+        r.samples(range(6, 11))
+        r.wait_predictions(10 * DEVICES)
+        r.daemon.kill()  # the journal since the swap's snapshot holds seqs 6-10, stepped by v2
+        r.daemon.start()
+        r.samples(range(11, 16))
+        received = r.wait_predictions(15 * DEVICES)
+        _assert_equal(received, [(r.v1, range(1, 6), True), (v2, range(6, 16), True)])
+        for topic, body in list(r.watcher.messages):  # a prediction published again after the kill is the same
+            if topic.startswith("predictions/"):
+                message = json.loads(body)
+                np.testing.assert_allclose(message["y"], received[int(message["key"][3:])][message["seq"]], atol=1e-6)
+    finally:
+        r.close()
+
+
+def test_shadow_refuses_a_candidate_whose_outputs_differ(rig):
+    tmp_path, broker = rig
+    three = random_model("gru", seed=1, input_size=3, hidden=8, head=(1, 3))
+    edgernn.save(edgernn.Model(dataclasses.replace(three.spec, model_version="2"), three.weights), tmp_path / "v2.ern")
+    sign_file(tmp_path / "v2.ern", tmp_path / "keys" / "release.key")
+    r = Rig(tmp_path, broker, updates="shadow_messages = 5")
+    try:
+        r.send(tmp_path / "v2.ern")
+        event = r.wait_event()
+        assert event["reason"] == "bad_model" and "cannot run in shadow" in event["message"]
+    finally:
+        r.close()
+
+
+def test_home_assistant_entities_follow_a_model_update(rig):
+    tmp_path, broker = rig
+    labelled = random_model("gru", seed=1, input_size=3, hidden=8, head=(1, 2))
+    spec = dataclasses.replace(labelled.spec, model_version="2", labels=("calm", "busy"))
+    edgernn.save(edgernn.Model(spec, labelled.weights), tmp_path / "v2.ern")
+    sign_file(tmp_path / "v2.ern", tmp_path / "keys" / "release.key")
+    r = Rig(tmp_path, broker, updates="[homeassistant]")
+    try:
+        def configs():
+            found = {}
+            for topic, body in list(r.watcher.messages):
+                if topic.startswith("homeassistant/") and topic.endswith("/config"):
+                    found[topic.split("/")[-2].rsplit("_", 1)[1] + "@" + topic.split("/")[-2][:9]] = body
+            return found
+
+        r.samples([1])
+        assert wait_until(lambda: len([k for k, v in configs().items() if v]) == 2 * DEVICES, 20)
+        assert {k.split("@")[0] for k in configs()} == {"y0", "y1"}
+        r.send(tmp_path / "v2.ern")
+        assert r.wait_event()["event"] == "installed"
+        assert wait_until(lambda: sum(1 for k, v in configs().items() if v and k.split("@")[0] in ("class", "confidence"))
+                          == 2 * DEVICES and all(not v for k, v in configs().items() if k.split("@")[0] in ("y0", "y1")), 20)
+        announced = [json.loads(v) for k, v in configs().items() if v]
+        assert {c["device"]["sw_version"] for c in announced} == {"2"}
     finally:
         r.close()
