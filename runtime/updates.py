@@ -251,9 +251,11 @@ class Updates:
                 store.write_manifest(manifest)
                 self._watch(pipeline, _Probation(self.config.probation_messages, pipeline.batch_failures))
         elif current.get("file"):
+            reason = (f"it was on probation at {MAX_PROBATION_STARTS} starts in a row" if not current.get("proven", True)
+                      and current.get("starts", 0) >= MAX_PROBATION_STARTS else "it did not load at start")
             manifest.update(current=serving, last_good=None)
             store.write_manifest(manifest)
-            self._resumed.append((pipeline.name, current.get("version")))
+            self._resumed.append((pipeline.name, current.get("version"), reason))
 
     def _serving_entry(self, pipeline, manifest: dict) -> dict:
         """The manifest entry of the model ``pipeline`` serves now."""
@@ -471,8 +473,9 @@ class Updates:
     def tick(self) -> None:
         """Expire stalled transfers; act on what the watches decided during the last micro-batch."""
         now = time.monotonic()
-        for name, version in self._resumed:
-            self._event(name, "", "rolled_back", reason="the installed model did not load at start", version=version)
+        for name, version, reason in self._resumed:
+            self._event(name, "", "rolled_back", reason=f"model {version} set aside: {reason}",
+                        version=self.pipelines[name].model.spec.model_version)
         self._resumed.clear()
         for name, (update_id, transfer) in list(self._transfers.items()):
             if now - transfer.last > self.config.chunk_timeout:
@@ -503,7 +506,8 @@ class Updates:
 
     # ---- saying what happened ----------------------------------------------------------------------------
     def _refused(self, pipeline: str, update_id: str, refusal: Refused) -> None:
-        self._refused_ids[(pipeline, update_id)] = time.monotonic()
+        if refusal.reason in ("too_large", "bad_header", "incomplete"):  # refused while its chunks still come
+            self._refused_ids[(pipeline, update_id)] = time.monotonic()
         log.warning("pipeline %s: update %r refused (%s): %s", pipeline, update_id, refusal.reason, refusal,
                     extra={"event": "update_refused", "pipeline": pipeline, "reason": refusal.reason})
         self._event(pipeline, update_id, f"refused_{refusal.reason}", reason=refusal.reason, message=str(refusal))

@@ -149,7 +149,10 @@ def test_a_chunked_update_swaps_in_at_its_place_with_states_kept_and_survives_a_
     # A restart serves the installed update, from the states its snapshot holds.
     manifest = ModelStore(tmp_path / "state" / "models", "imu").manifest()
     assert manifest["current"]["version"] == "2" and manifest["last_good"]["file"] is None
+    assert manifest["current"]["proven"] is False and manifest["current"]["starts"] == 0  # on probation (1000)
     r.daemon = start_daemon(r.config)
+    # still on probation: watched again, this start counted (at 3 the last good model would serve instead)
+    assert ModelStore(tmp_path / "state" / "models", "imu").manifest()["current"]["starts"] == 1
     try:
         r.samples(range(21, 26))
         _assert_equal(r.wait_predictions(25 * DEVICES),
@@ -345,6 +348,8 @@ def test_a_restart_serves_the_last_good_install_when_the_current_one_is_broken_a
         broken.write_bytes(broken.read_bytes()[:-1] + b"\0")  # its signature no longer matches
         r.daemon = start_daemon(r.config)
         assert r.daemon.pipelines[0].model.spec.model_version == "2"
+        assert wait_until(lambda: any(e["event"] == "rolled_back" and "3 set aside: it did not load" in e["reason"]
+                                      for e in r.events()), 10), r.events()
         r.daemon.stop()
         _model(tmp_path, "v1.ern", "7", seed=3)  # deployed by hand in the config's own file: that one serves
         r.daemon = start_daemon(r.config)
@@ -442,3 +447,25 @@ def test_home_assistant_entities_follow_a_model_update(rig):
         assert {c["device"]["sw_version"] for c in announced} == {"2"}
     finally:
         r.close()
+
+
+def test_a_model_on_probation_at_three_starts_is_set_aside_for_the_last_good_one(tmp_path):
+    from edgernn.runtime.config import UpdatesConfig, load_config
+    from edgernn.runtime.updates import MAX_PROBATION_STARTS, serving_configs, sha256_of
+
+    (tmp_path / "keys").mkdir()
+    generate_keys(tmp_path / "keys" / "release.key", tmp_path / "keys" / "release.pub")
+    _model(tmp_path, "v1.ern", "1")
+    config = write_config(tmp_path, 1, model="v1.ern")
+    pipeline = load_config(config).pipelines[0]
+    updates = UpdatesConfig(topic="t", events_topic="e", dir=tmp_path / "models")
+    store = ModelStore(updates.dir, "imu")
+    store.directory.mkdir(parents=True)
+    manifest = {"source_sha256": sha256_of(pipeline.model), "highest_version": "3",
+                "current": {"file": "c.ern", "version": "3", "proven": False, "starts": MAX_PROBATION_STARTS - 1},
+                "last_good": {"file": "g.ern", "version": "2", "proven": True}}
+    store.write_manifest(manifest)
+    assert [c.model.name for c in serving_configs(updates, pipeline)] == ["c.ern", "g.ern", "v1.ern"]
+    manifest["current"]["starts"] = MAX_PROBATION_STARTS
+    store.write_manifest(manifest)
+    assert [c.model.name for c in serving_configs(updates, pipeline)] == ["g.ern", "v1.ern"]
