@@ -312,6 +312,8 @@ class Daemon:
         self.notifier.ready()
         if self.discovery is not None:
             self.discovery.pending = True  # the model's name or version shown may have changed
+        if self.updates is not None:
+            self.updates.reloaded()
         return True
 
     def swap_model(self, pipeline, config, loaded, keep_states: bool = True, after=None) -> bool | None:
@@ -322,16 +324,18 @@ class Daemon:
         if not self._snapshot(timeout=1.0):
             return None
         self.notifier.reloading()
-        kept = pipeline.reload(config, loaded, keep_states)
-        if not kept:
-            pipeline.metrics.resets("reload").inc(len(pipeline.table))
-        self.metrics.set_model(pipeline.name, pipeline.model)
-        if after is not None:
-            after(kept)
-        self._snapshot()
-        self.notifier.ready()
-        if self.discovery is not None:
-            self.discovery.pending = True
+        try:
+            kept = pipeline.reload(config, loaded, keep_states)
+            if not kept:
+                pipeline.metrics.resets("reload").inc(len(pipeline.table))
+            self.metrics.set_model(pipeline.name, pipeline.model)
+            if after is not None:
+                after(kept)
+        finally:  # whatever failed (a full disk under `after`), the states served now are snapshotted
+            self._snapshot()
+            self.notifier.ready()
+            if self.discovery is not None:
+                self.discovery.pending = True
         return kept
 
     def _serving_configs(self, source) -> list:

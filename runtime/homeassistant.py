@@ -36,8 +36,9 @@ log = logging.getLogger(__name__)
 MAX_NUMERIC_SENSORS = 32
 """Default numeric sensors stop here: a 200-output forecaster gets its first 32 unless ``sensors`` says more."""
 ANNOUNCE_PER_PASS = 200
-"""Streams re-announced per pass of the worker: a birth message (anyone may publish one) re-announces every
-live stream, spread over passes so that predictions keep flowing and paho's in-flight window is not filled."""
+"""Configs published (or removed) per pass of the worker in a full re-announcement: a birth message (anyone
+may publish one) re-announces every live stream, spread over passes so that predictions keep flowing and
+paho's window of 65,535 unconfirmed messages is never approached."""
 
 _NOT_ID = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -113,21 +114,28 @@ class Discovery:
         if self.pending:
             self.pending = False
             self._queue = deque((pipeline, key) for pipeline in self.pipelines for key in pipeline.table.keys())
+            current = {}
             for pipeline in self.pipelines:
-                gone = set(self._suffixes.get(pipeline.name, ())) - {s for s, _ in self.entities(pipeline)}
-                self._suffixes[pipeline.name] = [s for s, _ in self.entities(pipeline)]
+                current[pipeline.name] = {s for s, _ in self.entities(pipeline)}
+                gone = set(self._suffixes.get(pipeline.name, ())) - current[pipeline.name]
+                self._suffixes[pipeline.name] = sorted(current[pipeline.name])
                 if gone:
                     self._removals.extend((pipeline, key, suffix) for key in pipeline.table.keys() for suffix in gone)
-        for _ in range(min(ANNOUNCE_PER_PASS, len(self._removals))):
+            # a removal queued by an earlier change must not delete an entity the model has again (A -> B -> A)
+            self._removals = deque(r for r in self._removals if r[2] not in current[r[0].name])
+        budget = ANNOUNCE_PER_PASS
+        while self._removals and budget > 0:
             pipeline, key, suffix = self._removals.popleft()
             self._publish(self._topic(pipeline, key, suffix), b"", 1, True)
-        for _ in range(min(ANNOUNCE_PER_PASS, len(self._queue))):
+            budget -= 1
+        while self._queue and budget > 0:
             pipeline, key = self._queue.popleft()
             if key in pipeline.table:  # not evicted or forgotten since the pass began
                 self.announce(pipeline, [key])
+                budget -= len(self._suffixes[pipeline.name])
 
     def announce(self, pipeline, keys) -> None:
-        self._suffixes.setdefault(pipeline.name, [s for s, _ in self.entities(pipeline)])
+        self._suffixes.setdefault(pipeline.name, sorted(s for s, _ in self.entities(pipeline)))
         for key in keys:
             for topic, config in self.components(pipeline, key):
                 self._publish(topic, json.dumps(config, separators=(",", ":")).encode(), 1, True)

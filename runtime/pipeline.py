@@ -95,7 +95,8 @@ class Pipeline:
         self.forgotten: list = []  # tokens `Timing.forget` handed back, for the scheduler to finish
         # Hooks, None when unused: Home Assistant discovery (runtime/homeassistant.py) hears of streams that
         # start and of streams evicted or forgotten; a model update on probation or in shadow
-        # (runtime/updates.py) sees every round stepped: observer(keys, seqs, X, Y, published).
+        # (runtime/updates.py) sees every round stepped: observer(keys, seqs, X, Y, published, counts), counts
+        # each stream's steps since its rest state (1: it started, or restarted, at this row).
         self.on_streams_added = None
         self.on_stream_removed = None
         self.observer = None
@@ -246,7 +247,7 @@ class Pipeline:
         stepped[rows[go if quiet is None else go & ~quiet]] = True
         if self.observer is not None:
             self.observer([keys[i] for i in np.flatnonzero(go)], seqs[go], X[go], Y[rows[go]],
-                          np.ones(int(go.sum()), bool) if quiet is None else ~quiet[go])
+                          np.ones(int(go.sum()), bool) if quiet is None else ~quiet[go], steps_column[go_slots])
 
     def _reset_for_timing(self, slots: np.ndarray) -> None:
         """The time stage's resets (`RESET_SEQ`), as a seq gap reset does them."""

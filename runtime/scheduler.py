@@ -504,6 +504,7 @@ class Scheduler:
             except Exception:  # noqa: BLE001 -- as in `process`: one failure must not stop the worker
                 log.exception("pipeline %s: failed on released samples", pipeline.name,
                               extra={"event": "batch_failed", "pipeline": pipeline.name})
+                pipeline.batch_failures += 1
 
     def _finish_forgotten(self, pipeline) -> None:
         tokens, pipeline.forgotten = pipeline.forgotten, []

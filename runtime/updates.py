@@ -49,14 +49,18 @@ from edgernn.spec import version_key
 log = logging.getLogger(__name__)
 
 REFUSALS = ("bad_header", "too_large", "incomplete", "unsigned", "bad_signature", "tampered", "untrusted",
-            "bad_model", "unversioned", "not_newer", "path_not_allowed", "busy")
+            "bad_model", "unversioned", "not_newer", "path_not_allowed", "busy", "error")
 FINAL_EVENTS = ("installed", "promoted", "shadow_failed", "refused")
-RESULTS = ("installed", "shadow_started", "promoted", "shadow_failed", "rolled_back") + tuple(
+RESULTS = ("installed", "shadow_started", "promoted", "shadow_failed", "rolled_back", "rollback_failed",
+           "failed") + tuple(
     f"refused_{reason}" for reason in REFUSALS)
 MAX_HEADER_BYTES = 16384
 MAX_CHUNKS = 65536
-MAX_PROBATION_STARTS = 3
-"""A model still on probation after this many starts (it may be what makes the daemon crash) is set aside."""
+MAX_PROBATION_CRASHES = 3
+"""A model on probation when the daemon stopped uncleanly this many times (it may be what crashes it) is set
+aside for the last good one at the next start."""
+RETRY_INTERVAL = 5.0
+"""Seconds between two tries of a promotion or rollback whose snapshot could not be taken (outputs unconfirmed)."""
 
 
 class Refused(Exception):
@@ -135,8 +139,12 @@ class ModelStore:
 
     def write_manifest(self, manifest: dict) -> None:
         _atomic_write(self.directory / "manifest.json", json.dumps(manifest, indent=2).encode())
+        self.prune(manifest)
+
+    def prune(self, manifest: dict) -> None:
+        """Only the current and the last good model files are kept."""
         keep = {entry["file"] for entry in (manifest.get("current"), manifest.get("last_good")) if entry and entry["file"]}
-        for path in self.directory.glob("*.ern"):  # older installs: only the current and the last good are kept
+        for path in self.directory.glob("*.ern"):
             if path.name not in keep:
                 path.unlink(missing_ok=True)
                 path.with_name(path.name + ".sig").unlink(missing_ok=True)
@@ -159,15 +167,16 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def serving_configs(updates_config, pipeline_config) -> list:
-    """The pipeline configs to start with, best first: the installed update (unless it is on probation and
-    did not survive `MAX_PROBATION_STARTS` starts) and the last good model before it, while the config's own
-    model file is the one they replaced; then the config as written."""
+    """The pipeline configs to start with, best first: the installed update (unless the daemon crashed
+    `MAX_PROBATION_CRASHES` times while it was on probation) and the last good model before it, while the
+    config's own model file is the one they replaced; then the config as written."""
     store = ModelStore(updates_config.dir, pipeline_config.name)
     manifest = store.manifest() or {}
     current = manifest.get("current")
-    if current and not current.get("proven", True) and current.get("starts", 0) >= MAX_PROBATION_STARTS:
-        log.error("pipeline %s: model %s was on probation at %d starts in a row: serving the last good one",
-                  pipeline_config.name, current.get("version"), current["starts"], extra={"event": "rolled_back"})
+    if current and not current.get("proven", True) and current.get("crashes", 0) >= MAX_PROBATION_CRASHES:
+        log.error("pipeline %s: the daemon stopped uncleanly %d times while model %s was on probation: serving the "
+                  "last good one", pipeline_config.name, current["crashes"], current.get("version"),
+                  extra={"event": "rolled_back"})
         current = None
     entries = [e for e in (current, manifest.get("last_good")) if e and e.get("file")]
     if not entries:
@@ -237,8 +246,8 @@ class Updates:
         return ModelStore(self.config.dir, pipeline.name)
 
     def _resume(self, pipeline) -> None:
-        """At start: a model still on probation is watched again (and its starts counted); an installed model
-        that did not load (the daemon serves the one before it) is recorded as rolled back."""
+        """At start: a model still on probation is watched again (an unclean stop of the last run counted against
+        it); an installed model that did not load (the daemon serves the one before it) is recorded as rolled back."""
         store = self._store(pipeline)
         manifest = store.manifest()
         if not manifest or manifest.get("source_sha256") != sha256_of(self.sources[pipeline.name].model):
@@ -247,12 +256,14 @@ class Updates:
         serving = self._serving_entry(pipeline, manifest)
         if current.get("file") and serving.get("file") == current["file"]:
             if not current.get("proven", True):
-                current["starts"] = current.get("starts", 0) + 1
-                store.write_manifest(manifest)
+                if pipeline.store.running_path.exists():  # the last run did not stop cleanly
+                    current["crashes"] = current.get("crashes", 0) + 1
+                    store.write_manifest(manifest)
                 self._watch(pipeline, _Probation(self.config.probation_messages, pipeline.batch_failures))
         elif current.get("file"):
-            reason = (f"it was on probation at {MAX_PROBATION_STARTS} starts in a row" if not current.get("proven", True)
-                      and current.get("starts", 0) >= MAX_PROBATION_STARTS else "it did not load at start")
+            reason = (f"the daemon stopped uncleanly {MAX_PROBATION_CRASHES} times while it was on probation"
+                      if not current.get("proven", True) and current.get("crashes", 0) >= MAX_PROBATION_CRASHES
+                      else "it did not load at start")
             manifest.update(current=serving, last_good=None)
             store.write_manifest(manifest)
             self._resumed.append((pipeline.name, current.get("version"), reason))
@@ -284,6 +295,10 @@ class Updates:
             self._candidate(pipeline, update_id, data, signature)
         except Refused as refusal:
             self._refused(pipeline.name, update_id, refusal)
+        except Exception as error:  # noqa: BLE001 -- a failing disk or a bug: said, and the worker goes on
+            log.exception("pipeline %s: update %r failed", pipeline.name, update_id,
+                          extra={"event": "update_failed", "pipeline": pipeline.name})
+            self._refused(pipeline.name, update_id, Refused("error", f"{type(error).__name__}: {error}"))
 
     def _add_chunk(self, name: str, header: dict, body: bytes):
         update_id = header["id"]
@@ -331,8 +346,13 @@ class Updates:
 
         from .backends import load_backend
 
-        if isinstance(self._watches.get(pipeline.name), _Shadow):
+        self._act_on_verdicts()  # one the micro-batch before this message reached counts first
+        watch = self._watches.get(pipeline.name)
+        if isinstance(watch, _Shadow):
             raise Refused("busy", "a candidate model is in shadow already")
+        if isinstance(watch, _Probation) and self.config.shadow_messages:
+            raise Refused("busy", f"the model swapped in last is on probation ({watch.remaining} predictions to go): "
+                                  "a shadow run beside it would hide its failures")
         try:
             key_id = verify_bytes(data, signature, self.keys, f"update {update_id!r}", "its signature")
         except SignatureError as error:
@@ -376,18 +396,20 @@ class Updates:
         serving = self._serving_entry(pipeline, manifest)
         previous = serving if serving.get("proven", True) else manifest.get("last_good") or serving
         on_probation = self.config.probation_messages > 0
-        entry = dict(update.entry, proven=not on_probation, starts=0)
+        entry = dict(update.entry, proven=not on_probation, crashes=0)
         highest = max([v for v in (entry["version"], manifest.get("highest_version", "")) if v], key=version_key)
 
         def after(kept):  # between the swap and the snapshot after it: that snapshot holds all of it
             if shadow is not None:
                 shadow.adopt(pipeline)
+            _reset_non_finite(pipeline)
             store.write_manifest({"source_sha256": sha256_of(self.sources[pipeline.name].model), "current": entry,
                                   "last_good": previous, "highest_version": highest})
 
         kept = self._swap(pipeline, update.config, update.loaded, self.config.states == "keep", after)
         if kept is None:
             if shadow is None:
+                store.prune(manifest)  # the candidate's file: nothing changed
                 raise Refused("busy", "outputs still unconfirmed after 1 s (broker unreachable?): nothing changed, "
                                       "send it again")
             return False
@@ -413,20 +435,16 @@ class Updates:
         try:
             data = read_verified(config.model, self.keys)[0] if self.keys else None
             loaded = load_backend(config, data)
+            self._check_model(config, loaded[0])
         except Exception as error:  # noqa: BLE001 -- nothing to roll back to: the new model keeps serving
             log.error("pipeline %s: cannot roll back to %s: %s", pipeline.name, config.model, error,
                       extra={"event": "rollback_failed", "pipeline": pipeline.name})
+            self._event(pipeline.name, "", "rollback_failed", reason=reason, message=" ".join(str(error).split()))
             return True
         broken_count = []
 
         def after(kept):
-            table = pipeline.table
-            keys = table.keys()
-            broken = ~np.isfinite(table.states[table.peek_slots(keys)]).all(axis=1) if keys else []
-            for key, bad in zip(keys, broken):
-                if bad:
-                    table.reset(key)
-            broken_count.append(int(np.count_nonzero(broken)))
+            broken_count.append(_reset_non_finite(pipeline))
             manifest.update(current=good if good.get("file") else None, last_good=None)
             store.write_manifest(manifest)
 
@@ -485,24 +503,50 @@ class Updates:
         for key, when in list(self._refused_ids.items()):
             if now - when > self.config.chunk_timeout:
                 del self._refused_ids[key]
+        self._act_on_verdicts()
+
+    def _act_on_verdicts(self) -> None:
+        now = time.monotonic()
         for name, watch in list(self._watches.items()):
             pipeline = self.pipelines[name]
             if isinstance(watch, _Probation) and pipeline.batch_failures > watch.failures:
                 watch.verdict = ("fail", "a micro-batch failed on the new model")
-            if watch.verdict is None:
+            if watch.verdict is None or now < watch.retry_at:
                 continue
-            outcome, detail = watch.verdict
-            if isinstance(watch, _Probation):
-                if outcome == "pass":
-                    self._unwatch(pipeline)
-                    self._mark_proven(pipeline)
-                elif self._rollback(pipeline, detail):
-                    self._unwatch(pipeline)
-            elif outcome == "pass":  # promoted; if the snapshot before it cannot be taken, at a later tick
-                self._install(pipeline, watch.update, shadow=watch)  # (the shadow keeps its states in step)
-            else:
+            try:
+                self._act(pipeline, watch)
+            except Exception as error:  # noqa: BLE001 -- a failing disk or a bug must not stop the worker
+                log.exception("pipeline %s: acting on the %s verdict failed", name, type(watch).__name__,
+                              extra={"event": "update_failed", "pipeline": name})
                 self._unwatch(pipeline)
-                self._event(name, watch.update.id, "shadow_failed", reason=detail, version=watch.update.entry["version"])
+                self._event(name, getattr(getattr(watch, "update", None), "id", ""), "failed",
+                            message=f"{type(error).__name__}: {error}")
+
+    def _act(self, pipeline, watch) -> None:
+        outcome, detail = watch.verdict
+        done = True
+        if isinstance(watch, _Probation):
+            if outcome == "pass":
+                self._mark_proven(pipeline)
+            else:
+                done = self._rollback(pipeline, detail)
+        elif outcome == "pass":  # the shadow keeps its states in step while the promotion waits
+            done = self._install(pipeline, watch.update, shadow=watch)
+        else:
+            self._event(pipeline.name, watch.update.id, "shadow_failed", reason=detail,
+                        version=watch.update.entry["version"])
+        if not done:  # the snapshot before the swap could not be taken: later, not at every pass
+            watch.retry_at = time.monotonic() + RETRY_INTERVAL
+        elif self._watches.get(pipeline.name) is watch:
+            self._unwatch(pipeline)
+
+    def reloaded(self) -> None:
+        """A SIGHUP reload served the config's files again: what was being watched is moot (said)."""
+        for name, watch in list(self._watches.items()):
+            self._unwatch(self.pipelines[name])
+            if isinstance(watch, _Shadow):
+                self._event(name, watch.update.id, "shadow_failed", reason="a reload (SIGHUP) replaced the model",
+                            version=watch.update.entry["version"])
 
     # ---- saying what happened ----------------------------------------------------------------------------
     def _refused(self, pipeline: str, update_id: str, refusal: Refused) -> None:
@@ -522,6 +566,18 @@ class Updates:
         self._publish(self.config.events_topic, json.dumps(event).encode(), 1, False)
 
 
+def _reset_non_finite(pipeline) -> int:
+    """Put every stream whose state holds a non-finite value back at the rest state; returns how many."""
+    table = pipeline.table
+    keys = table.keys()
+    if not keys:
+        return 0
+    broken = ~np.isfinite(table.states[table.peek_slots(keys)]).all(axis=1)
+    for key in np.asarray(keys, dtype=object)[broken].tolist():
+        table.reset(key)
+    return int(np.count_nonzero(broken))
+
+
 @dataclass
 class _Update:
     id: str
@@ -538,8 +594,9 @@ class _Probation:
         self.remaining = messages
         self.failures = failures  # the pipeline's failed micro-batches before the swap
         self.verdict = None
+        self.retry_at = 0.0
 
-    def observe(self, keys, seqs, X, Y, published) -> None:
+    def observe(self, keys, seqs, X, Y, published, counts) -> None:
         if self.verdict is not None:
             return
         if not np.isfinite(Y[published]).all():
@@ -560,15 +617,19 @@ class _Shadow:
         self.update, self.remaining, self.max_divergence, self.publish = update, messages, max_divergence, publish
         self.divergence = 0.0
         self.verdict = None
+        self.retry_at = 0.0
         self.table = StreamTable(model, max_streams=pipeline.config.max_streams)
         keys = pipeline.table.keys()
         if keys and model.spec.state_shapes == pipeline.model.spec.state_shapes:
             self.table.states[self.table.slots_for(keys)] = pipeline.table.states[pipeline.table.peek_slots(keys)]
 
-    def observe(self, keys, seqs, X, Y, published) -> None:
+    def observe(self, keys, seqs, X, Y, published, counts) -> None:
         if self.verdict is not None and self.verdict[0] == "fail":
             return
         slots = self.table.slots_for(keys)
+        restarted = np.flatnonzero(counts == 1)  # the pipeline's stream started from its rest state (new or reset)
+        if len(restarted):
+            self.table.states[slots[restarted]] = self.table.model.new_state()
         candidate = self.backend.step_batch(self.table.states, slots, np.ascontiguousarray(X))
         if self.verdict is not None:  # passed: its states keep in step with every sample until the promotion
             return

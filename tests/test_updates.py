@@ -149,10 +149,10 @@ def test_a_chunked_update_swaps_in_at_its_place_with_states_kept_and_survives_a_
     # A restart serves the installed update, from the states its snapshot holds.
     manifest = ModelStore(tmp_path / "state" / "models", "imu").manifest()
     assert manifest["current"]["version"] == "2" and manifest["last_good"]["file"] is None
-    assert manifest["current"]["proven"] is False and manifest["current"]["starts"] == 0  # on probation (1000)
+    assert manifest["current"]["proven"] is False and manifest["current"]["crashes"] == 0  # on probation (1000)
     r.daemon = start_daemon(r.config)
-    # still on probation: watched again, this start counted (at 3 the last good model would serve instead)
-    assert ModelStore(tmp_path / "state" / "models", "imu").manifest()["current"]["starts"] == 1
+    # still on probation: watched again; a clean stop is not counted against it (a crash is: see the kill test)
+    assert ModelStore(tmp_path / "state" / "models", "imu").manifest()["current"]["crashes"] == 0
     try:
         r.samples(range(21, 26))
         _assert_equal(r.wait_predictions(25 * DEVICES),
@@ -396,6 +396,8 @@ def test_a_kill_after_a_swap_replays_the_journal_with_the_new_model(rig):
         r.wait_predictions(10 * DEVICES)
         r.daemon.kill()  # the journal since the swap's snapshot holds seqs 6-10, stepped by v2
         r.daemon.start()
+        # v2 was on probation when the daemon died: counted (at 3, the last good model would serve instead)
+        assert ModelStore(tmp_path / "state" / "models", "imu").manifest()["current"]["crashes"] == 1
         r.samples(range(11, 16))
         received = r.wait_predictions(15 * DEVICES)
         _assert_equal(received, [(r.v1, range(1, 6), True), (v2, range(6, 16), True)])
@@ -449,9 +451,9 @@ def test_home_assistant_entities_follow_a_model_update(rig):
         r.close()
 
 
-def test_a_model_on_probation_at_three_starts_is_set_aside_for_the_last_good_one(tmp_path):
+def test_a_model_on_probation_at_three_crashes_is_set_aside_for_the_last_good_one(tmp_path):
     from edgernn.runtime.config import UpdatesConfig, load_config
-    from edgernn.runtime.updates import MAX_PROBATION_STARTS, serving_configs, sha256_of
+    from edgernn.runtime.updates import MAX_PROBATION_CRASHES, serving_configs, sha256_of
 
     (tmp_path / "keys").mkdir()
     generate_keys(tmp_path / "keys" / "release.key", tmp_path / "keys" / "release.pub")
@@ -462,10 +464,38 @@ def test_a_model_on_probation_at_three_starts_is_set_aside_for_the_last_good_one
     store = ModelStore(updates.dir, "imu")
     store.directory.mkdir(parents=True)
     manifest = {"source_sha256": sha256_of(pipeline.model), "highest_version": "3",
-                "current": {"file": "c.ern", "version": "3", "proven": False, "starts": MAX_PROBATION_STARTS - 1},
+                "current": {"file": "c.ern", "version": "3", "proven": False, "crashes": MAX_PROBATION_CRASHES - 1},
                 "last_good": {"file": "g.ern", "version": "2", "proven": True}}
     store.write_manifest(manifest)
     assert [c.model.name for c in serving_configs(updates, pipeline)] == ["c.ern", "g.ern", "v1.ern"]
-    manifest["current"]["starts"] = MAX_PROBATION_STARTS
+    manifest["current"]["crashes"] = MAX_PROBATION_CRASHES
     store.write_manifest(manifest)
     assert [c.model.name for c in serving_configs(updates, pipeline)] == ["g.ern", "v1.ern"]
+
+
+def test_a_shadow_follows_the_streams_resets_and_a_reload_ends_it(rig):
+    tmp_path, broker = rig
+    v2, v2_path = _model(tmp_path, "v2.ern", "2", seed=1)
+    r = Rig(tmp_path, broker, updates="shadow_messages = 1000\nmax_divergence = 100.0")
+    r.daemon.stop()
+    r.config.write_text(r.config.read_text().replace('qos = 1\n', 'qos = 1\nseq_gap = "reset"\n', 1))
+    r.daemon = start_daemon(r.config)
+    try:
+        r.samples(range(1, 4))
+        r.send(v2_path)
+        assert r.wait_event()["event"] == "shadow_started"
+        r.samples([4, 5, 8, 9])  # 6 and 7 lost: every stream restarts from the rest state at 8
+        shadow = r.wait_predictions(4 * DEVICES, prefix="edgernn/shadow/imu/")
+        served = r.wait_predictions(7 * DEVICES)
+        for device in range(DEVICES):
+            candidate = _offline([(r.v1, range(1, 4), True), (v2, [4, 5], True), (v2, [8, 9], False)], device)
+            current = _offline([(r.v1, [1, 2, 3, 4, 5], True), (r.v1, [8, 9], False)], device)
+            for seq in (4, 5, 8, 9):
+                np.testing.assert_allclose(shadow[device][seq], candidate[seq], atol=1e-5)
+                np.testing.assert_allclose(served[device][seq], current[seq], atol=1e-5)
+        r.daemon.reload()  # SIGHUP: the config's own model again; the shadow run is moot
+        event = r.wait_event(2)
+        assert event["event"] == "shadow_failed" and "reload" in event["reason"]
+        assert r.daemon.pipelines[0].observer is None
+    finally:
+        r.close()
