@@ -74,8 +74,7 @@ class Daemon:
         if config.homeassistant is not None:
             from .homeassistant import Discovery
 
-            self.discovery = Discovery(config.homeassistant, config.broker, self.pipelines, self.link.publish,
-                                       config.source)
+            self.discovery = Discovery(config.homeassistant, config.broker, self.pipelines, self.link.publish)
             self.scheduler.control[config.homeassistant.birth_topic] = lambda inbound: self.discovery.handle_birth(
                 inbound.payload)
         if config.updates is not None:
@@ -84,7 +83,8 @@ class Daemon:
             for pipeline in self.pipelines:  # zeros rather than missing series (runtime/metrics.py)
                 for result in RESULTS:
                     self.metrics.model_updates.labels(pipeline.name, result)
-            self.updates = Updates(config, self.pipelines, self.swap_model, self._check_model, self.link.publish,
+            self.updates = Updates(config, self.pipelines, self.swap_model,
+                                   lambda pipeline, data=None: load_checked(config, pipeline, data), self.link.publish,
                                    lambda pipeline, result: self.metrics.model_updates.labels(pipeline, result).inc())
             self.scheduler.control.update(self.updates.handlers())
         self.notifier = notifier or Notifier()
@@ -296,9 +296,7 @@ class Daemon:
         for pipeline, source in zip(self.pipelines, self.config.pipelines):
             try:
                 config = self._serving_configs(source)[0]
-                loaded = load_backend(config, check_signatures(self.config, config))
-                self._check_model(config, loaded[0])
-                kept = pipeline.reload(config, loaded)
+                kept = pipeline.reload(config, load_checked(self.config, config))
                 self.metrics.set_model(pipeline.name, pipeline.model)
             except Exception as error:  # noqa: BLE001 -- a bad new file keeps the old model serving
                 log.error("pipeline %s: reload failed, keeping the current model: %s", pipeline.name, error,
@@ -353,22 +351,11 @@ class Daemon:
         *installed, source = self._serving_configs(source)
         for config in installed:
             try:
-                loaded = load_backend(config, check_signatures(self.config, config))
-                self._check_model(config, loaded[0])
-                return config, loaded
+                return config, load_checked(self.config, config)
             except Exception as error:  # noqa: BLE001 -- the next one serves: a start must not fail on an install
                 log.error("pipeline %s: the installed model %s does not load (%s): trying the one before it",
                           source.name, config.model, error, extra={"event": "update_unloadable"})
-        return source, load_backend(source, check_signatures(self.config, source))
-
-    def _check_model(self, config, model) -> None:
-        """Raise when ``model`` cannot serve ``config``'s payloads, time options or Home Assistant sensors."""
-        make_codecs(config, model)
-        make_timing(config, model)
-        if self.config.homeassistant is not None and config.homeassistant.enabled:
-            from .homeassistant import check_pipeline
-
-            check_pipeline(self.config.source, config, model)
+        return source, load_checked(self.config, source)
 
     def _publish_stats(self) -> None:
         topic = self.config.metrics.stats_topic
@@ -420,15 +407,24 @@ def check(config) -> list[str]:
     lock): every model file loads with its backend, and every pipeline's codecs fit its model."""
     lines = []
     for pipeline in config.pipelines:
-        model, backend = load_backend(pipeline, check_signatures(config, pipeline))
-        make_codecs(pipeline, model)
-        make_timing(pipeline, model)  # gap_policy and input_rate need the model's sample rate
-        if config.homeassistant is not None and pipeline.homeassistant.enabled:
-            from .homeassistant import check_pipeline
-
-            check_pipeline(config.source, pipeline, model)
+        model, backend = load_checked(config, pipeline)
         lines.append(f"pipeline {pipeline.name}: {pipeline.model} {model!r} on {backend.name} ({backend.device})")
     return lines
+
+
+def load_checked(config, pipeline, data: bytes | None = None):
+    """The (model, backend) of ``pipeline`` (a `PipelineConfig` of ``config``), its file's signature checked first
+    (or ``data``: its bytes, checked already), and the model checked against the pipeline: payload sizes, time
+    options (gap_policy and input_rate need a sample rate), Home Assistant sensors. What `serve --check`, a
+    start, a reload and a model update each do before a model serves; raises naming the file and the problem."""
+    model, backend = load_backend(pipeline, check_signatures(config, pipeline) if data is None else data)
+    make_codecs(pipeline, model)
+    make_timing(pipeline, model)
+    if config.homeassistant is not None and pipeline.homeassistant.enabled:
+        from .homeassistant import check_pipeline
+
+        check_pipeline(config.source, pipeline, model)
+    return model, backend
 
 
 def check_signatures(config, pipeline) -> bytes | None:

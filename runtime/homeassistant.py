@@ -84,15 +84,13 @@ def check_pipeline(source, config, model) -> None:
 class Discovery:
     """The discovery configs of every pipeline's streams: what to announce, what to remove."""
 
-    def __init__(self, config, broker, pipelines, publish, source="<config>"):
+    def __init__(self, config, broker, pipelines, publish):
+        """``pipelines`` serve models checked against their sensors already (`daemon.load_checked`)."""
         self.config = config
         self.node = object_id(broker.client_id)
-        self.client_id = broker.client_id
         self.availability = [{"topic": broker.status_topic, "payload_available": "online",
                               "payload_not_available": "offline"}]
         self.pipelines = [p for p in pipelines if p.config.homeassistant.enabled]
-        for pipeline in self.pipelines:
-            check_pipeline(source, pipeline.config, pipeline.model)
         self._publish = publish
         self.pending = True  # announce every live stream at the next chance (start-up, a birth message)
         self.announced = 0  # configs published (a counter for tests and logs)
@@ -126,7 +124,7 @@ class Discovery:
         budget = ANNOUNCE_PER_PASS
         while self._removals and budget > 0:
             pipeline, key, suffix = self._removals.popleft()
-            self._publish(self._topic(pipeline, key, suffix), b"", 1, True)
+            self._publish(self._topic(self._stream(pipeline, key), suffix), b"", 1, True)
             budget -= 1
         while self._queue and budget > 0:
             pipeline, key = self._queue.popleft()
@@ -135,20 +133,23 @@ class Discovery:
                 budget -= len(self._suffixes[pipeline.name])
 
     def announce(self, pipeline, keys) -> None:
-        self._suffixes.setdefault(pipeline.name, sorted(s for s, _ in self.entities(pipeline)))
+        entities = self.entities(pipeline)
+        if pipeline.name not in self._suffixes:
+            self._suffixes[pipeline.name] = sorted(suffix for suffix, _ in entities)
         for key in keys:
-            for topic, config in self.components(pipeline, key):
+            for topic, config in self.components(pipeline, key, entities):
                 self._publish(topic, json.dumps(config, separators=(",", ":")).encode(), 1, True)
                 self.announced += 1
 
     def remove(self, pipeline, key) -> None:
-        for topic, _ in self.components(pipeline, key):
-            self._publish(topic, b"", 1, True)
+        stream = self._stream(pipeline, key)
+        for suffix, _ in self.entities(pipeline):
+            self._publish(self._topic(stream, suffix), b"", 1, True)
 
     # ---- the payloads ------------------------------------------------------------------------------
-    def components(self, pipeline, key: str) -> list[tuple[str, dict]]:
-        """[(discovery topic, config)] of one stream's entities."""
-        stream = object_id(f"{pipeline.name}/{key}", 48)
+    def components(self, pipeline, key: str, entities=None) -> list[tuple[str, dict]]:
+        """[(discovery topic, config)] of one stream's entities (``entities``: `entities` of the pipeline)."""
+        stream = self._stream(pipeline, key)
         spec = pipeline.model.spec
         device = {"identifiers": [f"edgernn_{self.node}_{stream}"], "name": f"{key} ({pipeline.name})",
                   "manufacturer": "edgernn", "model": spec.name or pipeline.name,
@@ -157,9 +158,8 @@ class Discovery:
                   "origin": {"name": "edgernn", "sw_version": __version__}}
         if self.config.expire_after:
             common["expire_after"] = self.config.expire_after
-        return [(self._topic(pipeline, key, suffix), {**entity, "unique_id": f"edgernn_{self.node}_{stream}_{suffix}",
-                                                      **common})
-                for suffix, entity in self.entities(pipeline)]
+        return [(self._topic(stream, suffix), {**entity, "unique_id": f"edgernn_{self.node}_{stream}_{suffix}", **common})
+                for suffix, entity in entities or self.entities(pipeline)]
 
     def entities(self, pipeline) -> list[tuple[str, dict]]:
         """[(id suffix, the entity's own fields)] the pipeline's model and config make for every stream."""
@@ -183,8 +183,12 @@ class Discovery:
             entities.append((f"y{sensor.output}", entity))
         return entities
 
-    def _topic(self, pipeline, key: str, suffix: str) -> str:
-        stream = object_id(f"{pipeline.name}/{key}", 48)
+    @staticmethod
+    def _stream(pipeline, key: str) -> str:
+        """The stream's id in topics and unique ids."""
+        return object_id(f"{pipeline.name}/{key}", 48)
+
+    def _topic(self, stream: str, suffix: str) -> str:
         return f"{self.config.discovery_prefix}/sensor/{self.node}/{stream}_{suffix}/config"
 
     def _sensors(self, pipeline):

@@ -567,22 +567,15 @@ def probe(broker, subscriptions=(), listen: float = 0.0, on_message=None) -> str
     ``broker.servers`` in turn until one answers, as the daemon would. With ``subscriptions``, listen
     ``listen`` seconds at QoS 0 and hand each message to ``on_message(topic, payload, retained)``. Returns
     None when it connected, else why not (`describe_failure`'s sentence, of every server tried)."""
-    failures = []
-    for host, port in broker.servers:
-        failure = _probe_one(dataclasses.replace(broker, host=host, port=port, fallback_servers=(),
-                                                 persistent_session=False, startup_error_behavior="error"),
-                             subscriptions, listen, on_message)
-        if failure is None:
-            return None
-        failures.append(failure)
-    return "; ".join(failures)
+    return exchange(broker, (), subscriptions, on_message, timeout=listen)
 
 
 def exchange(broker, messages, subscriptions=(), on_message=None, until=None, timeout: float = 30.0) -> str | None:
     """As a throwaway client (as `probe`, on the first of ``broker.servers`` that answers): subscribe, publish
     ``messages`` [(topic, payload)] at QoS 1, each confirmed by the broker in turn, then hand what arrives to
-    ``on_message(topic, payload, retained)`` until ``until()`` holds. Returns None, or why it failed (not
-    connected, a publish unconfirmed, ``until`` still false after ``timeout`` seconds)."""
+    ``on_message(topic, payload, retained)`` until ``until()`` holds (without ``until`` or messages: for
+    ``timeout`` seconds). Returns None, or why it failed (not connected to any, a publish unconfirmed,
+    ``until`` still false after ``timeout`` seconds: those two only from the broker that answered)."""
     failures = []
     for host, port in broker.servers:
         failure = _probe_one(dataclasses.replace(broker, host=host, port=port, fallback_servers=(),

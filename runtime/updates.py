@@ -43,7 +43,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edgernn._files import atomic_write_bytes
 from edgernn.errors import SignatureError
+from edgernn.signing import signature_path
 from edgernn.spec import version_key
 
 log = logging.getLogger(__name__)
@@ -138,7 +140,8 @@ class ModelStore:
         return manifest if isinstance(manifest, dict) else None
 
     def write_manifest(self, manifest: dict) -> None:
-        _atomic_write(self.directory / "manifest.json", json.dumps(manifest, indent=2).encode())
+        self.directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.directory / "manifest.json", json.dumps(manifest, indent=2).encode())
         self.prune(manifest)
 
     def prune(self, manifest: dict) -> None:
@@ -147,23 +150,16 @@ class ModelStore:
         for path in self.directory.glob("*.ern"):
             if path.name not in keep:
                 path.unlink(missing_ok=True)
-                path.with_name(path.name + ".sig").unlink(missing_ok=True)
+                signature_path(path).unlink(missing_ok=True)
 
-    def add(self, data: bytes, signature: dict) -> Path:
-        path = self.directory / f"{hashlib.sha256(data).hexdigest()[:24]}.ern"
-        _atomic_write(path.with_name(path.name + ".sig"), json.dumps(signature).encode())
-        _atomic_write(path, data)
-        return path
+    def path_for(self, sha256: str) -> Path:
+        """Where a model file with this content is kept (named by its content)."""
+        return self.directory / f"{sha256[:24]}.ern"
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    def add(self, path: Path, data: bytes, signature: dict) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(signature_path(path), json.dumps(signature).encode())
+        atomic_write_bytes(path, data)
 
 
 def serving_configs(updates_config, pipeline_config) -> list:
@@ -186,12 +182,6 @@ def serving_configs(updates_config, pipeline_config) -> list:
                  pipeline_config.name, entries[0].get("version"), extra={"event": "update_superseded"})
         return [pipeline_config]
     return [dataclasses.replace(pipeline_config, model=store.directory / e["file"]) for e in entries] + [pipeline_config]
-
-
-def _entry(path, data: bytes, model, own_file: bool) -> dict:
-    """A manifest entry: ``file`` is None for the model file the config names (it is not ours to keep)."""
-    return {"file": Path(path).name if own_file else None, "sha256": hashlib.sha256(data).hexdigest(),
-            "version": model.spec.model_version}
 
 
 def _read_regular_file(path: Path, limit: int) -> bytes:
@@ -219,17 +209,19 @@ class Updates:
 
     ``swap(pipeline, config, loaded, keep_states, after)`` is the daemon's: snapshot, serve ``loaded`` (model,
     backend), ``after(kept)``, snapshot; it returns whether states were kept, or None when it could not take
-    the first snapshot (nothing changed). ``check_model(config, model)`` raises when a model does not fit the
-    pipeline. ``publish(topic, payload, qos, retain)`` and ``count(pipeline, result)`` say what happened."""
+    the first snapshot (nothing changed). ``load(config, data=None)`` is `daemon.load_checked`: the (model,
+    backend) of a pipeline config, its file's signature (or the bytes ``data``, checked already) and its fit to
+    the pipeline checked. ``publish(topic, payload, qos, retain)`` and ``count(pipeline, result)`` say what
+    happened."""
 
-    def __init__(self, config, pipelines, swap, check_model, publish, count):
+    def __init__(self, config, pipelines, swap, load, publish, count):
         from edgernn.signing import load_public_key
 
         self.config = config.updates
         self.keys = [load_public_key(path) for path in config.signing.trusted_keys]
         self.sources = {p.name: p for p in config.pipelines}  # as the config file writes them
         self.pipelines = {p.name: p for p in pipelines}
-        self._swap, self._check_model, self._publish, self._count = swap, check_model, publish, count
+        self._swap, self._load, self._publish, self._count = swap, load, publish, count
         self._transfers: dict = {}  # pipeline -> (id, _Transfer): one at a time per pipeline, the latest wins
         self._refused_ids: dict = {}  # (pipeline, id) -> when: the rest of a refused update's chunks are ignored
         self._watches: dict = {}  # pipeline -> _Probation or _Shadow
@@ -338,13 +330,11 @@ class Updates:
             raise Refused("path_not_allowed", f"{path} is not under allow_paths "
                                               f"({', '.join(map(str, allowed)) or 'none set'})")
         data = _read_regular_file(real, self.config.max_bytes)
-        signature = header.get("signature") or _read_regular_file(real.with_name(real.name + ".sig"), 65536)
+        signature = header.get("signature") or _read_regular_file(signature_path(real), 65536)
         return data, signature
 
     def _candidate(self, pipeline, update_id: str, data: bytes, signature) -> None:
         from edgernn.signing import verify_bytes
-
-        from .backends import load_backend
 
         self._act_on_verdicts()  # one the micro-batch before this message reached counts first
         watch = self._watches.get(pipeline.name)
@@ -358,10 +348,10 @@ class Updates:
         except SignatureError as error:
             raise Refused(error.reason, str(error)) from None
         store = self._store(pipeline)
-        config = dataclasses.replace(pipeline.config, model=store.directory / f"{hashlib.sha256(data).hexdigest()[:24]}.ern")
+        digest = hashlib.sha256(data).hexdigest()
+        config = dataclasses.replace(pipeline.config, model=store.path_for(digest))
         try:
-            loaded = load_backend(config, data)
-            self._check_model(config, loaded[0])
+            loaded = self._load(config, data)
         except Exception as error:  # noqa: BLE001 -- whatever a model file gets wrong is a refusal, said
             raise Refused("bad_model", " ".join(str(error).split())) from None
         model = loaded[0]
@@ -376,8 +366,9 @@ class Updates:
             raise Refused("bad_model", f"a model with {model.input_size} inputs and {model.output_size} outputs cannot "
                                        f"run in shadow beside one with {pipeline.model.input_size} and "
                                        f"{pipeline.model.output_size} (shadow_messages = 0 installs it directly)")
-        store.add(data, signature if isinstance(signature, dict) else json.loads(signature))
-        update = _Update(update_id, config, loaded, _entry(config.model, data, model, True), key_id)
+        store.add(config.model, data, signature if isinstance(signature, dict) else json.loads(signature))
+        entry = {"file": config.model.name, "sha256": digest, "version": version}
+        update = _Update(update_id, config, loaded, entry, key_id)
         if shadow:
             self._start_shadow(pipeline, update)
         else:
@@ -423,19 +414,13 @@ class Updates:
 
     def _rollback(self, pipeline, reason: str) -> bool:
         """Back to the last good model; False when it could not snapshot first (tried again at the next tick)."""
-        from edgernn.signing import read_verified
-
-        from .backends import load_backend
-
         store = self._store(pipeline)
         manifest = store.manifest() or {}
         good = manifest.get("last_good") or {"file": None, "proven": True}
         source = self.sources[pipeline.name]
         config = source if not good.get("file") else dataclasses.replace(source, model=store.directory / good["file"])
         try:
-            data = read_verified(config.model, self.keys)[0] if self.keys else None
-            loaded = load_backend(config, data)
-            self._check_model(config, loaded[0])
+            loaded = self._load(config)
         except Exception as error:  # noqa: BLE001 -- nothing to roll back to: the new model keeps serving
             log.error("pipeline %s: cannot roll back to %s: %s", pipeline.name, config.model, error,
                       extra={"event": "rollback_failed", "pipeline": pipeline.name})
@@ -464,9 +449,13 @@ class Updates:
             store.write_manifest(manifest)
 
     def _start_shadow(self, pipeline, update) -> None:
+        from edgernn.protocol import TopicTemplate
+
+        topic = TopicTemplate(self.config.shadow_topic)
+
         def publish(key, y, seq):
-            topic = self.config.shadow_topic.replace("{pipeline}", pipeline.name).replace("{key}", key)
-            self._publish(topic, pipeline.encoder.encode(key, y, seq, None), 0, False)
+            self._publish(topic.format(key=key, pipeline=pipeline.name), pipeline.encoder.encode(key, y, seq, None), 0,
+                          False)
 
         self._watch(pipeline, _Shadow(pipeline, update, self.config.shadow_messages, self.config.max_divergence,
                                       publish))
@@ -662,8 +651,6 @@ def send_update(config, pipeline: str, model_path, *, update_id: str | None = No
     ``config``, or with ``local`` only its path (the file is on the daemon's machine, under ``allow_paths``),
     then wait for what became of it on the events topic: installed, refused, or after a shadow run promoted or
     shadow_failed (``shadow_started`` when the wait ends first). Returns (the event, None) or (None, why not)."""
-    from edgernn.signing import signature_path
-
     from .mqtt import exchange
 
     if config.updates is None:
