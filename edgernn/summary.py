@@ -42,6 +42,8 @@ def spec_summary(spec: ModelSpec) -> dict:
         "sample_period": spec.sample_period,
         "rest_state": spec.rest_state,
         "rest_state_note": spec.rest_state_note,
+        "model_version": spec.model_version,
+        "labels": list(spec.labels),
         "layers": [_layer(layer) for layer in spec.layers],
         "head": [{"in_features": d.in_features, "out_features": d.out_features, "bias": d.bias,
                   "activation": str(d.activation)} for d in spec.head],

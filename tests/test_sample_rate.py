@@ -108,5 +108,8 @@ def test_convert_labels_and_model_version_and_inspect(tmp_path, capsys):
     assert spec.labels == ("idle", "busy") and spec.model_version == "1.4"
     status, out, _ = run_cli(capsys, "inspect", tmp_path / "r.ern")
     assert "version:     1.4\n" in out and "labels:      idle, busy\n" in out
+    status, out, _ = run_cli(capsys, "inspect", tmp_path / "r.ern", "--json")
+    info = json.loads(out)
+    assert info["model_version"] == "1.4" and info["labels"] == ["idle", "busy"]
     status, _, err = run_cli(capsys, "convert", tmp_path / "m.ern", "-o", tmp_path / "x.ern", "--labels", "a,b,c")
     assert status == 1 and "labels: one per output" in err
